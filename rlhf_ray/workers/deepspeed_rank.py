@@ -1,0 +1,153 @@
+"""One rank of a DeepSpeed ZeRO data-parallel group (shared by the policy and critic workers).
+
+A group of these Ray workers forms one ``torch.distributed`` world (gloo on CPU, NCCL on GPU)
+that belongs to DeepSpeed alone. ``train_on`` runs the minibatch epochs with gradient
+accumulation; DeepSpeed averages gradients across ranks, clips them and steps the optimizer
+and LR schedule at each accumulation boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from rlhf_ray.batch import Experience
+from rlhf_ray.config import LearnerConfig
+from rlhf_ray.sync.group import free_port, node_ip
+from rlhf_ray.workers.common import device_for, setup_process, torch_dtype
+
+LossFn = Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def deepspeed_config(cfg: LearnerConfig, gradient_accumulation_steps: int, dtype: str) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        # our torch AdamW works under every stage (DeepSpeed's CPU Adam would need a JIT build)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedRank:
+    """Subclasses provide ``build_model``; the group calls ``address`` on rank 0, then ``init``
+    on every rank at once."""
+
+    role = "learner"
+
+    def __init__(
+        self, name: str, rank: int, world_size: int, cfg: LearnerConfig, model_path: str, *,
+        device: str = "cpu", dtype: str = "float32", seed: int = 0, threads: int = 1,
+        total_optimizer_steps: int = 1, gradient_accumulation_steps: int = 1,
+        trust_remote_code: bool = False,
+    ):
+        setup_process(threads, seed)
+        self.name, self.rank, self.world_size, self.cfg = name, rank, world_size, cfg
+        self.model_path, self.device_kind, self.dtype = model_path, device, dtype
+        self.seed, self.trust_remote_code = seed, trust_remote_code
+        self.total_optimizer_steps = total_optimizer_steps
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.engine = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, rank {self.rank}/{self.world_size})"
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def address(self) -> tuple[str, int]:
+        """Where this rank (rank 0) hosts the group's rendezvous."""
+        host = node_ip()
+        return host, free_port(host)
+
+    def init(self, master_addr: str, master_port: int) -> None:
+        import deepspeed
+        from transformers import get_scheduler
+
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+        )
+        deepspeed.init_distributed(dist_backend="nccl" if self.device_kind == "cuda" else "gloo")
+        self.device = device_for(self.device_kind)
+        model = self.build_model().to(self.device)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95),
+        )
+        scheduler = get_scheduler(
+            self.cfg.lr_schedule, optimizer, num_warmup_steps=self.cfg.warmup_steps,
+            num_training_steps=max(self.total_optimizer_steps, 1),
+        )
+        config = deepspeed_config(self.cfg, self.gradient_accumulation_steps, self.dtype)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+    def train_on(self, exp: Experience, loss_fn: LossFn, epochs: int, minibatches: int) -> dict[str, float]:
+        """``epochs`` shuffled passes over this rank's shard, ``minibatches`` optimizer steps each."""
+        self.engine.train()
+        exp = exp.to(self.device)
+        n = len(exp)
+        minibatch = n // minibatches
+        mb = self.cfg.micro_batch_size
+        generator = torch.Generator().manual_seed(self.seed + self.engine.global_steps)
+        sums: dict[str, float] = defaultdict(float)
+        micro_steps = 0
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, minibatch * minibatches, mb):
+                batch = exp.select(order[start : start + mb].to(self.device))
+                loss, metrics = loss_fn(batch)
+                self.engine.backward(loss)
+                self.engine.step()
+                micro_steps += 1
+                for k, v in metrics.items():
+                    sums[k] += float(v)
+                sums["loss"] += float(loss.detach())
+        out = {f"{self.role}/{k}": v / micro_steps for k, v in sums.items()}
+        out[f"{self.role}/lr"] = self.scheduler.get_last_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            out[f"{self.role}/grad_norm"] = float(grad_norm)
+        return out
+
+    def full_state(self):
+        """Context manager gathering ZeRO-3 shards so ``self.engine.module`` holds full weights."""
+        import contextlib
+
+        import deepspeed
+
+        if self.cfg.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def save_hf(self, path: str) -> None:
+        """Save the full model in Hugging Face format (safetensors); rank 0 writes."""
+        with self.full_state():
+            if self.rank == 0:
+                state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+                self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+
+    def parameter_checksum(self) -> float:
+        """Sum of all full weights (a cheap 'did the weights change' probe)."""
+        with self.full_state():
+            return float(sum(p.detach().double().sum() for p in self.engine.module.parameters()))

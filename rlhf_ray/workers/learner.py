@@ -1,0 +1,97 @@
+"""Policy learner rank: DeepSpeed ZeRO policy that computes logprobs, runs the policy update
+of the configured algorithm, and streams its weights to the rollout engines."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.algo import a2c_policy_loss, aggregate_loss, kl_loss, ppo_policy_loss
+from rlhf_ray.batch import Experience
+from rlhf_ray.config import AlgoConfig
+from rlhf_ray.models import load_causal_lm
+from rlhf_ray.sync.buckets import TensorMeta, pack
+from rlhf_ray.sync.group import create_group
+from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
+from rlhf_ray.workers.forward import batched, response_logprobs
+
+
+class PolicyWorker(DeepSpeedRank):
+    role = "policy"
+
+    def __init__(self, *args, algo: AlgoConfig, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.algo, self.temperature = algo, temperature
+        self.sync_group = None
+
+    def build_model(self) -> torch.nn.Module:
+        return load_causal_lm(self.model_path, dtype=self.torch_dtype, trust_remote_code=self.trust_remote_code)
+
+    def compute_logprobs(self, exp: Experience) -> torch.Tensor:
+        """(B, A) logprobs of the response tokens under the current weights."""
+        self.engine.eval()
+        A = exp.response_mask.shape[1]
+        exp = exp.to(self.device)
+
+        def fn(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return response_logprobs(self.engine, seq, mask, A, self.temperature)[0]
+
+        return batched(fn, exp.sequences, exp.attention_mask, self.cfg.micro_batch_size) * exp.response_mask.cpu()
+
+    def _loss(self, batch: Experience, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        a = self.algo
+        A = batch.response_mask.shape[1]
+        logprobs, entropy = response_logprobs(
+            self.engine, batch.sequences, batch.attention_mask, A, self.temperature, with_entropy=True
+        )
+        mask = batch.response_mask * batch.valid[:, None]
+        if a.name == "a2c":
+            loss, metrics = a2c_policy_loss(logprobs, batch.advantages, mask, agg_mode=a.loss_agg)
+        else:
+            loss, metrics = ppo_policy_loss(
+                logprobs, batch.old_logprobs, batch.advantages, mask, clip_eps=a.clip_eps, agg_mode=a.loss_agg
+            )
+        metrics = dict(metrics, pg_loss=loss.detach())
+        entropy_mean = aggregate_loss(entropy, mask, a.loss_agg)
+        metrics["entropy"] = entropy_mean.detach()
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * entropy_mean
+        if not a.kl_in_reward and kl_coef > 0:
+            kl = kl_loss(logprobs, batch.ref_logprobs, mask, kind=a.kl_estimator, agg_mode=a.loss_agg)
+            metrics["kl_loss"] = kl.detach()
+            loss = loss + kl_coef * kl
+        return loss, metrics
+
+    def update(self, exp: Experience, kl_coef: float) -> dict[str, float]:
+        """Policy epochs on this rank's shard; returns ``policy/*`` metrics."""
+        epochs = 1 if self.algo.name == "a2c" else self.algo.epochs
+        return self.train_on(exp, lambda b: self._loss(b, kl_coef), epochs, self.algo.minibatches)
+
+    # ---- weight sync (rlhf_ray.sync): every rank joins the gathers, rank 0 sends
+    def weight_manifest(self) -> list[TensorMeta]:
+        return [
+            TensorMeta(name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
+            for name, p in self.engine.module.named_parameters()
+        ]
+
+    def init_weight_group(self, host: str, port: int, world_size: int) -> None:
+        self.sync_group = create_group(host, port, 0, world_size, self.device_kind)
+
+    def send_weights(self, plan: list[list[TensorMeta]], use_object_store: bool) -> list:
+        """Stream every bucket of ``plan``; returns object refs for the object-store backend."""
+        import deepspeed
+        import ray
+
+        params = dict(self.engine.module.named_parameters())
+        refs = []
+        for bucket in plan:
+            tensors = [params[m.name] for m in bucket]
+            gathered = deepspeed.zero.GatheredParameters(tensors, modifier_rank=None, enabled=self.cfg.zero_stage == 3)
+            with gathered, torch.no_grad():
+                if self.rank != 0:
+                    continue
+                flat = pack([t.data for t in tensors])
+                if use_object_store:
+                    refs.append(ray.put(flat.cpu()))
+                else:
+                    self.sync_group.broadcast(flat, 0).wait()
+        return refs

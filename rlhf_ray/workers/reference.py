@@ -1,0 +1,36 @@
+"""Reference worker: the frozen initial policy, computing reference logprobs for the KL term."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.batch import Experience
+from rlhf_ray.models import load_causal_lm
+from rlhf_ray.workers.common import device_for, setup_process, torch_dtype
+from rlhf_ray.workers.forward import batched, response_logprobs
+
+
+class ReferenceWorker:
+    def __init__(
+        self, name: str, model_path: str, *, device: str = "cpu", dtype: str = "float32",
+        micro_batch_size: int = 16, temperature: float = 1.0, threads: int = 1, seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        setup_process(threads, seed)
+        self.name, self.micro_batch_size, self.temperature = name, micro_batch_size, temperature
+        self.device = device_for(device)
+        self.model = load_causal_lm(model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval().requires_grad_(False)
+
+    def __repr__(self) -> str:
+        return f"ReferenceWorker({self.name})"
+
+    def compute_logprobs(self, exp: Experience) -> torch.Tensor:
+        """(B, A) reference logprobs of the response tokens."""
+        A = exp.response_mask.shape[1]
+        exp = exp.to(self.device)
+
+        def fn(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return response_logprobs(self.model, seq, mask, A, self.temperature)[0]
+
+        return batched(fn, exp.sequences, exp.attention_mask, self.micro_batch_size) * exp.response_mask.cpu()

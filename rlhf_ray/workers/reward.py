@@ -1,0 +1,139 @@
+"""Reward worker: scores (prompt, completion) pairs with one of three kinds of scorer.
+
+- ``model``: a Hugging Face sequence classifier (a scalar reward head, or a classifier whose
+  chosen label's logit/probability is the reward: the "sentiment classifier as reward" case);
+- ``function``: a Python rule or verifier given by import path ``module:callable``;
+- ``http``: a remote reward service (JSON in/out, bearer token from an environment variable).
+
+Whatever the kind, the result is checked to be one float per completion.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import torch
+
+from rlhf_ray.config import RewardConfig
+from rlhf_ray.workers.common import setup_process
+
+Scorer = Callable[[list[str], list[str]], list[float]]
+
+
+class RewardShapeError(ValueError):
+    """A scorer returned something other than one number per completion."""
+
+
+def load_function(path: str) -> Scorer:
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward function {path!r} cannot be imported: {e}") from e
+
+
+class ModelScorer:
+    def __init__(self, cfg: RewardConfig, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                 batch_size: int = 32):
+        from rlhf_ray.models import load_reward_model, load_tokenizer
+
+        self.cfg, self.batch_size = cfg, batch_size
+        self.tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "right"
+        self.model = load_reward_model(cfg.model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(prompts), self.batch_size):
+            texts = [p + c for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size])]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+            logits = self.model(**enc).logits.float()
+            if self.cfg.label_index < 0:
+                scores = logits[:, 0]
+            elif self.cfg.use_probability:
+                scores = logits.softmax(-1)[:, self.cfg.label_index]
+            else:
+                scores = logits[:, self.cfg.label_index]
+            out.extend(scores.tolist())
+        return out
+
+
+class HttpScorer:
+    """POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]}."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self.token = os.environ.get(cfg.token_env, "") if cfg.token_env else ""
+        if cfg.token_env and not self.token:
+            raise ValueError(f"reward.token_env: environment variable {cfg.token_env} is not set")
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        body = json.dumps({"prompts": prompts, "completions": completions}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        last: Exception | None = None
+        for attempt in range(self.cfg.retries):
+            request = urllib.request.Request(self.cfg.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
+                    return json.loads(response.read())["rewards"]
+            except urllib.error.HTTPError as e:
+                last = e
+                if e.code < 500 and e.code != 429:  # client errors will not heal by retrying
+                    break
+            except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as e:
+                last = e
+            time.sleep(min(2.0**attempt * 0.2, 5.0))
+        raise RuntimeError(f"reward service {self.cfg.url} failed after {self.cfg.retries} attempts: {last}")
+
+
+def build_scorer(cfg: RewardConfig, **model_kwargs) -> Scorer:
+    if cfg.kind == "model":
+        return ModelScorer(cfg, **model_kwargs)
+    if cfg.kind == "http":
+        return HttpScorer(cfg)
+    return load_function(cfg.function)
+
+
+def check_rewards(rewards, n: int, source: str) -> list[float]:
+    """One real number per completion (NaN/Inf pass through: the trainer's policy handles them)."""
+    if isinstance(rewards, torch.Tensor):
+        rewards = rewards.tolist()
+    if not isinstance(rewards, list | tuple) or len(rewards) != n:
+        got = f"{type(rewards).__name__} of length {len(rewards)}" if hasattr(rewards, "__len__") else repr(rewards)
+        raise RewardShapeError(f"{source} returned {got} for {n} completions; expected {n} numbers")
+    try:
+        return [float(r) for r in rewards]
+    except (TypeError, ValueError) as e:
+        raise RewardShapeError(f"{source} returned a non-numeric reward: {e}") from e
+
+
+class RewardWorker:
+    def __init__(self, name: str, cfg: RewardConfig, *, threads: int = 1, seed: int = 0,
+                 trust_remote_code: bool = False):
+        setup_process(threads, seed)
+        self.name, self.cfg = name, cfg
+        self.scorer = build_scorer(cfg, trust_remote_code=trust_remote_code) if cfg.kind == "model" else build_scorer(cfg)
+        self.gold = load_function(cfg.gold_function) if cfg.gold_function else None
+
+    def __repr__(self) -> str:
+        return f"RewardWorker({self.name}, {self.cfg.kind})"
+
+    def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
+        """``{"reward": [...]}`` plus ``"gold"`` when a gold labeler is configured."""
+        source = f"{self.name} ({self.cfg.kind} reward)"
+        out = {"reward": check_rewards(self.scorer(prompts, completions), len(prompts), source)}
+        if self.gold is not None:
+            gold = check_rewards(self.gold(prompts, completions), len(prompts), f"{self.name} (gold)")
+            out["gold"] = [g if math.isfinite(g) else float("nan") for g in gold]
+        return out
