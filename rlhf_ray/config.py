@@ -266,6 +266,8 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dry_run: bool = False
+    """print the resource plan, check it against the cluster, start no workers"""
 
 
 def _check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches: int) -> list[str]:

@@ -83,11 +83,12 @@ def chunks(n_items: int, n_parts: int) -> list[slice]:
 
 
 class RolloutGroup(Group):
-    def generate(self, prompt_ids: list[list[int]], *, seed: int, min_version: int) -> list[RolloutSample]:
+    def generate(self, prompt_ids: list[list[int]], *, seed: int, min_version: int,
+                 n: int | None = None) -> list[RolloutSample]:
         """Split prompts across engines; samples come back in prompt order."""
-        parts = [s for s in chunks(len(prompt_ids), len(self.workers))]
+        parts = chunks(len(prompt_ids), len(self.workers))
         refs = [
-            w.generate.remote(prompt_ids[s], list(range(s.start, s.stop)), seed=seed, min_version=min_version)
+            w.generate.remote(prompt_ids[s], list(range(s.start, s.stop)), seed=seed, min_version=min_version, n=n)
             for w, s in zip(self.workers, parts)
         ]
         return [sample for part in self.get(refs, "generate") for sample in part]

@@ -65,9 +65,10 @@ class RolloutWorker:
         return self.version
 
     def generate(
-        self, prompt_ids: list[list[int]], prompt_indices: list[int], *, seed: int, min_version: int
+        self, prompt_ids: list[list[int]], prompt_indices: list[int], *, seed: int, min_version: int,
+        n: int | None = None,
     ) -> list[RolloutSample]:
-        """``n_samples_per_prompt`` completions of each prompt, samples of a prompt contiguous."""
+        """``n`` (default ``n_samples_per_prompt``) completions of each prompt, contiguous."""
         from vllm import SamplingParams
 
         if self.version < min_version:
@@ -75,7 +76,7 @@ class RolloutWorker:
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         params = [
             SamplingParams(
-                n=self.cfg.n_samples_per_prompt,
+                n=n or self.cfg.n_samples_per_prompt,
                 temperature=self.cfg.temperature,
                 top_p=self.cfg.top_p,
                 max_tokens=self.cfg.max_new_tokens,
