@@ -59,7 +59,7 @@ class Group:
         return f"{type(self).__name__}({', '.join(self.names)})"
 
     def get(self, refs: list, what: str) -> list:
-        return wait(refs, self.names, f"{self.plan.role}.{what}", self.timeout_s)
+        return wait(refs, self.names[: len(refs)], f"{self.plan.role}.{what}", self.timeout_s)
 
     def ready(self) -> None:
         """Wait until every worker's constructor has finished."""

@@ -42,7 +42,9 @@ def _require_safetensors(path: PathLike) -> None:
     p = Path(path)
     if p.is_dir() and not any(p.glob("*.safetensors")):
         found = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = f" (found {found}: pickle weights are not loaded; convert them to safetensors)" if found else ""
+        hint = (
+            f" (found {found}: pickle weights are not loaded; convert them to safetensors)" if found else ""
+        )
         raise ValueError(f"{p}: no .safetensors weights{hint}")
 
 
@@ -137,7 +139,9 @@ def load_reward_model(
     config.num_labels = num_labels
     config.pad_token_id = _pad_token_id_for(path, config, trust_remote_code)
     if config.pad_token_id is None:
-        raise ValueError(f"{path}: no pad or EOS token id in the config or tokenizer; a reward model needs one")
+        raise ValueError(
+            f"{path}: no pad or EOS token id in the config or tokenizer; a reward model needs one"
+        )
     return AutoModelForSequenceClassification.from_pretrained(
         str(path), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )

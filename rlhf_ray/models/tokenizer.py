@@ -27,7 +27,9 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 # Covers the built-in "reverse" task ("rev abcde=" -> "edcba") with room to
 # spare for users' own small synthetic tasks: letters, digits, common ASCII
 # punctuation, space and newline.
-DEFAULT_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " \n" + string.punctuation
+DEFAULT_ALPHABET = (
+    string.ascii_lowercase + string.ascii_uppercase + string.digits + " \n" + string.punctuation
+)
 
 
 def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenizerFast:

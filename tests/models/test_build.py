@@ -121,7 +121,11 @@ def test_value_model_takes_head_from_reward_checkpoint(model_dir: Path, tmp_path
 
 def test_loaders_never_trust_remote_code_nor_pickle(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[dict] = []
-    for auto in ("AutoModelForCausalLM", "AutoModelForTokenClassification", "AutoModelForSequenceClassification"):
+    for auto in (
+        "AutoModelForCausalLM",
+        "AutoModelForTokenClassification",
+        "AutoModelForSequenceClassification",
+    ):
         cls = getattr(load_module, auto)
         original = cls.from_pretrained
 
