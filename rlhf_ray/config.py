@@ -9,6 +9,7 @@ each with its dotted key. Each component is handed only its own sub-config.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -234,6 +235,8 @@ class ClusterConfig:
     """placement-group strategy of each role: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD"""
     call_timeout_s: float = 600.0
     """longest wait on any remote call before naming the stuck worker"""
+    node_resources: bool = False
+    """each bundle also asks for 1 unit of its role's node resource (rollout_node | learner_node)"""
 
 
 @dataclass
@@ -250,6 +253,8 @@ class TrainerConfig:
     """run directory; empty = Hydra's run directory"""
     log_every: int = 1
     """print a console line every k steps"""
+    wandb: bool = False
+    """also log metrics to Weights & Biases (needs `pip install wandb`; project from WANDB_PROJECT)"""
 
 
 @dataclass
@@ -361,6 +366,8 @@ def config_errors(cfg: Config) -> list[str]:
         e += _check_learner("critic", cfg.critic, sequences, a.minibatches)
     if cfg.cluster.cpus_per_worker <= 0:
         e.append(f"cluster.cpus_per_worker: must be > 0, got {cfg.cluster.cpus_per_worker}")
+    if cfg.trainer.wandb and importlib.util.find_spec("wandb") is None:
+        e.append("trainer.wandb: true but wandb is not installed (pip install wandb)")
     return e
 
 

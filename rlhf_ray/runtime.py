@@ -54,14 +54,16 @@ def resolve_assets(cfg: Config) -> Assets:
     )
 
 
-def connect(cfg: Config, plan: list[RolePlan]) -> None:
+def connect(cfg: Config, plan: list[RolePlan]) -> bool:
     """Join the cluster at ``cluster.address`` / ``RAY_ADDRESS`` (as under ``ray job submit``),
-    or start a local one with enough logical CPUs for the plan."""
+    or start a local one with enough logical CPUs for the plan. Returns whether a local
+    cluster was started here (and so should be shut down by the caller)."""
     c = cfg.cluster
-    if ray.is_initialized():
-        return
+    started = False
     address = c.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
+    if ray.is_initialized():
+        pass  # e.g. tests or a notebook that connected already
+    elif address:
         ray.init(address=address, namespace=c.namespace, log_to_driver=True)
     else:
         # Logical CPUs are what Ray schedules by; threads per worker are pinned separately.
@@ -70,10 +72,14 @@ def connect(cfg: Config, plan: list[RolePlan]) -> None:
             num_cpus=num_cpus, namespace=c.namespace, include_dashboard=c.include_dashboard,
             dashboard_host="127.0.0.1", object_store_memory=c.object_store_mb * 2**20,
         )
+        started = True
     problems = check_fits(plan, ray.cluster_resources())
     if problems:
+        if started:
+            ray.shutdown()
         raise RuntimeError("the resource plan does not fit the cluster:\n" + "\n".join(problems) +
                            "\n" + format_plan(plan))
+    return started
 
 
 @dataclass

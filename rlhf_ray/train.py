@@ -29,6 +29,16 @@ def to_config(dcfg: DictConfig) -> Config:
     return validate(cfg)
 
 
+def compose_config(overrides: list[str]) -> Config:
+    """The validated config that ``python -m rlhf_ray.train OVERRIDES`` would run (for code
+    that drives training without the CLI: tests, benchmarks, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
 def run_dir_of(cfg: Config) -> Path:
     if cfg.trainer.output_dir:
         return Path(cfg.trainer.output_dir)
@@ -51,14 +61,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
     tokenizer = load_tokenizer(assets.policy_path, trust_remote_code=cfg.model.trust_remote_code)
     prompts = list(load_prompt_dataset(assets.train_prompts, prompt_key=cfg.data.prompt_key)[cfg.data.prompt_key])
     eval_prompts = list(load_prompt_dataset(assets.eval_prompts, prompt_key=cfg.data.prompt_key)[cfg.data.prompt_key])
-    connect(cfg, plan)
+    started = connect(cfg, plan)
     log.info("resource plan:\n%s", format_plan(plan))
     groups = build_groups(cfg, assets)
     try:
         summary = Trainer(cfg, groups, tokenizer, prompts, run_dir, eval_prompts).fit()
     finally:
         groups.shutdown()
-        if not cfg.cluster.address:
+        if started:
             ray.shutdown()
     log.info("run finished: %s", run_dir)
     return summary

@@ -52,6 +52,7 @@ class Trainer:
                        else FixedKLController(a.kl_coef))
         self.moments = RunningMoments() if cfg.reward.normalize else None
         self.step_index, self.weight_version = 0, 0
+        self.engine_versions = dict.fromkeys(groups.rollout.names, 0)
         self.plan = plan_buckets(groups.policy.weight_manifest(), int(cfg.sync.bucket_mb * 2**20))
         self.weight_bytes = sum(m.nbytes for bucket in self.plan for m in bucket)
         if cfg.sync.backend == "collective":
@@ -159,6 +160,7 @@ class Trainer:
         if stale:
             raise StaleEngineError(f"after sync to v{version} engines report {', '.join(stale)}")
         self.weight_version = version
+        self.engine_versions = dict(zip(rollout.names, reported, strict=True))
         seconds = time.perf_counter() - start
         return {"rollout/weight_version": float(version), "sync/seconds": seconds,
                 "sync/bytes": float(self.weight_bytes), "sync/buckets": float(len(self.plan))}
@@ -195,7 +197,8 @@ class Trainer:
         self.g.policy.save_hf(str(final))
         self.tokenizer.save_pretrained(str(final))
         summary = {"steps": self.step_index, "weight_version": self.weight_version,
-                   "skipped_prompts": self.skipped_prompts, "final_model": str(final)}
+                   "engine_versions": self.engine_versions, "skipped_prompts": self.skipped_prompts,
+                   "final_model": str(final)}
         if history:
             summary["last"] = history[-1]
         if self.eval_prompts:

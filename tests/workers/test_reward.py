@@ -1,0 +1,94 @@
+"""Reward workers without Ray: the rule kind, shape checks, and the HTTP kind against a real
+server on loopback (auth header, retry on 5xx, no retry on 4xx)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from rlhf_ray.config import RewardConfig
+from rlhf_ray.workers.reward import RewardShapeError, RewardWorker, check_rewards
+
+
+class RewardServer:
+    """Scores len(completion); fails the first ``fail_first`` requests with 503."""
+
+    def __init__(self, token: str = "", fail_first: int = 0):
+        self.token, self.fail_first, self.requests = token, fail_first, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                outer.requests += 1
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.token and self.headers.get("Authorization") != f"Bearer {outer.token}":
+                    return self._send(401, {"error": "unauthorized"})
+                if outer.requests <= outer.fail_first:
+                    return self._send(503, {"error": "busy"})
+                return self._send(200, {"rewards": [float(len(c)) for c in body["completions"]]})
+
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server():
+    s = RewardServer(token="t0k3n", fail_first=1)
+    yield s
+    s.close()
+
+
+def test_function_reward_is_the_task_rule():
+    w = RewardWorker("reward-0", RewardConfig())
+    out = w.score(["rev abc="], ["cba"])
+    assert out == {"reward": [1.0], "gold": [1.0]}
+
+
+def test_http_reward_with_token_and_retry(server, monkeypatch):
+    monkeypatch.setenv("MY_REWARD_TOKEN", "t0k3n")
+    cfg = RewardConfig(kind="http", url=server.url, token_env="MY_REWARD_TOKEN", retries=3, gold_function="")
+    w = RewardWorker("reward-0", cfg)
+    assert w.score(["p", "q"], ["ab", "abcd"]) == {"reward": [2.0, 4.0]}
+    assert server.requests == 2  # one 503, then success
+    assert "t0k3n" not in repr(w) and "t0k3n" not in repr(w.cfg)
+
+
+def test_http_reward_bad_token_fails_fast(server, monkeypatch):
+    monkeypatch.setenv("MY_REWARD_TOKEN", "wrong")
+    cfg = RewardConfig(kind="http", url=server.url, token_env="MY_REWARD_TOKEN", retries=3, gold_function="")
+    with pytest.raises(RuntimeError, match="401"):
+        RewardWorker("reward-0", cfg).score(["p"], ["x"])
+    assert server.requests == 1  # 4xx is not retried
+
+
+def test_missing_token_env_is_named(monkeypatch):
+    monkeypatch.delenv("NOT_SET_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="NOT_SET_TOKEN"):
+        RewardWorker("reward-0", RewardConfig(kind="http", url="http://127.0.0.1:1/x", token_env="NOT_SET_TOKEN"))
+
+
+def test_wrong_shape_names_the_source():
+    with pytest.raises(RewardShapeError, match="reward-3"):
+        check_rewards([1.0], 2, "reward-3 (function reward)")
+    with pytest.raises(RewardShapeError, match="non-numeric"):
+        check_rewards(["a", 1.0], 2, "reward-3")
+    assert check_rewards([float("nan"), 1], 2, "x")[1] == 1.0
