@@ -66,12 +66,23 @@ def test_zero3_grpo_two_ranks(ray_cluster, tmp_path, cache_dir):
     assert "critic/loss" not in rows[-1] and rows[-1]["policy/kl_loss"] is not None
 
 
+@pytest.fixture
+def reward_server():
+    from tests.workers.test_reward import RewardServer
+
+    server = RewardServer()
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("algo,extra", [
     ("a2c", []),
     ("rloo", ["sync.backend=object_store"]),
-    ("reinforce_pp", []),
+    ("reinforce_pp", ["reward=http"]),  # scored by a real HTTP service on loopback
 ])
-def test_algorithm_two_steps(ray_cluster, tmp_path, cache_dir, algo, extra):
+def test_algorithm_two_steps(ray_cluster, tmp_path, cache_dir, algo, extra, reward_server):
+    if "reward=http" in extra:
+        extra = [*extra, f"reward.url={reward_server.url}", "reward.token_env="]
     summary, rows = train(tmp_path, cache_dir, [
         f"algo={algo}", "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1",
         "trainer.total_steps=2", "trainer.prompts_per_step=8", *extra,
@@ -79,3 +90,5 @@ def test_algorithm_two_steps(ray_cluster, tmp_path, cache_dir, algo, extra):
     assert len(rows) == 2 and summary["weight_version"] == 2
     assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows)
     assert all(torch.isfinite(torch.tensor(r["policy/loss"])) for r in rows)
+    if "reward=http" in extra:
+        assert reward_server.requests >= 2  # every step's completions went to the service

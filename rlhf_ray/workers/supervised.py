@@ -1,0 +1,181 @@
+"""Supervised learner ranks of the InstructGPT recipe (Ouyang et al. 2022), on the DeepSpeed
+rank shared with the policy and critic:
+
+* ``SFTWorker``: a causal LM trained on demonstrations, loss on the response tokens only;
+* ``RewardModelWorker``: a sequence classifier trained on rankings of K completions with the
+  all-pairs ranking loss (eq. 1 of the paper).
+
+This module also owns the two batch layouts and the tokenization that builds them. The reward
+model sees exactly what ``workers.reward.ModelScorer`` scores during RL: the text
+``prompt + completion`` (no EOS), right-padded, scored at its last real token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from rlhf_ray.algo import ranking_loss, sft_loss
+from rlhf_ray.data.datasets import DataError
+from rlhf_ray.models import load_causal_lm, load_reward_model
+from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
+
+
+class _Rows:
+    """Row-wise ``select`` / ``split`` / ``to`` over every tensor field (dim 0 = rows)."""
+
+    def __len__(self) -> int:
+        return getattr(self, fields(self)[0].name).shape[0]
+
+    def select(self, index: torch.Tensor | slice):
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def split(self, n: int) -> list:
+        """``n`` equal contiguous shards (``len(self)`` must divide by ``n``)."""
+        if len(self) % n:
+            raise ValueError(f"cannot split {len(self)} rows into {n} equal shards")
+        size = len(self) // n
+        return [self.select(slice(i * size, (i + 1) * size)) for i in range(n)]
+
+    def to(self, device: torch.device | str):
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class DemonstrationBatch(_Rows):
+    """Demonstrations for SFT, right-padded: ``[prompt | response EOS | pad]``."""
+
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long: 1 on real tokens
+    loss_mask: torch.Tensor  # (B, T) float: 1 on response tokens (EOS included), the SFT targets
+
+
+@dataclass
+class RankingBatch(_Rows):
+    """Comparisons for the reward model: each row's K completions, best -> worst."""
+
+    input_ids: torch.Tensor  # (B, K, T) long: text prompt + completion k, right-padded
+    attention_mask: torch.Tensor  # (B, K, T) long: 1 on real tokens
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _check_len(n: int, max_len: int, where: str) -> None:
+    if n > max_len:
+        raise DataError(f"{where}: {n} tokens, more than max_len={max_len} (raise data.max_len or shorten it)")
+
+
+def encode_demonstrations(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_len: int,
+                          source: str = "demonstrations") -> DemonstrationBatch:
+    """Prompt and response are tokenized separately (as rollout sees them: the engine gets the
+    prompt's ids and generates the response's), EOS is appended to the response."""
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    rows, targets = [], []
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        seq = list(p) + list(r) + [tokenizer.eos_token_id]
+        _check_len(len(seq), max_len, f"{source} row {i}")
+        rows.append(seq)
+        targets.append((len(p), len(seq)))
+    input_ids, attention_mask = _pad(rows, tokenizer.pad_token_id)
+    loss_mask = torch.zeros(input_ids.shape, dtype=torch.float32)
+    for i, (start, stop) in enumerate(targets):
+        loss_mask[i, start:stop] = 1.0
+    return DemonstrationBatch(input_ids, attention_mask, loss_mask)
+
+
+def encode_rankings(tokenizer, prompts: Sequence[str], rankings: Sequence[Sequence[str]], max_len: int,
+                    source: str = "comparisons") -> RankingBatch:
+    """Every row must rank the same number K of completions (the batch is ``(B, K, T)``)."""
+    k = len(rankings[0])
+    texts = []
+    for i, (prompt, completions) in enumerate(zip(prompts, rankings, strict=True)):
+        if len(completions) != k:
+            raise DataError(f"{source} row {i}: {len(completions)} completions, but row 0 has {k}; "
+                            "every row must rank the same number of completions")
+        texts += [prompt + c for c in completions]
+    ids = tokenizer(texts)["input_ids"]
+    for j, row in enumerate(ids):
+        _check_len(len(row), max_len, f"{source} row {j // k} completion {j % k}")
+    input_ids, attention_mask = _pad([list(r) for r in ids], tokenizer.pad_token_id)
+    return RankingBatch(input_ids.view(len(prompts), k, -1), attention_mask.view(len(prompts), k, -1))
+
+
+class SFTWorker(DeepSpeedRank):
+    """One rank of SFT: ``train`` runs optimizer steps, ``evaluate`` returns loss sums."""
+
+    role = "sft"
+
+    def build_model(self) -> torch.nn.Module:
+        return load_causal_lm(self.model_path, dtype=self.torch_dtype, trust_remote_code=self.trust_remote_code)
+
+    def _nll(self, batch: DemonstrationBatch) -> torch.Tensor:
+        logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        # position t predicts token t + 1
+        return sft_loss(logits[:, :-1].float(), batch.input_ids[:, 1:], batch.loss_mask[:, 1:])
+
+    def train(self, batch: DemonstrationBatch, steps: int) -> dict[str, float]:
+        """``steps`` optimizer steps over this rank's shard (``steps`` x micro_batch_size rows)."""
+        return self.train_on(batch, lambda b: (self._nll(b), {}), 1, steps)
+
+    @torch.no_grad()
+    def evaluate(self, batch: DemonstrationBatch) -> dict[str, float]:
+        """``{"nll_sum", "tokens"}`` over this rank's held-out shard (summed by the driver)."""
+        self.engine.eval()
+        batch = batch.to(self.device)
+        nll_sum, tokens = 0.0, 0.0
+        for start in range(0, len(batch), self.cfg.micro_batch_size):
+            b = batch.select(slice(start, start + self.cfg.micro_batch_size))
+            n = float(b.loss_mask[:, 1:].sum())
+            nll_sum += float(self._nll(b)) * n
+            tokens += n
+        return {"nll_sum": nll_sum, "tokens": tokens}
+
+
+class RewardModelWorker(DeepSpeedRank):
+    """One rank of reward-model training: a scalar-head sequence classifier."""
+
+    role = "reward_model"
+
+    def build_model(self) -> torch.nn.Module:
+        model = load_reward_model(self.model_path, dtype=self.torch_dtype, trust_remote_code=self.trust_remote_code)
+        model.config.classifier_dropout = 0.0
+        return model
+
+    def _rewards(self, batch: RankingBatch) -> torch.Tensor:
+        """(B, K) scalar reward of every completion."""
+        b, k, t = batch.input_ids.shape
+        out = self.engine(input_ids=batch.input_ids.reshape(b * k, t),
+                          attention_mask=batch.attention_mask.reshape(b * k, t))
+        return out.logits[:, 0].float().view(b, k)
+
+    def train(self, batch: RankingBatch, steps: int) -> dict[str, float]:
+        """``steps`` optimizer steps; metrics ``reward_model/loss``, ``reward_model/accuracy``."""
+        return self.train_on(batch, lambda b: ranking_loss(self._rewards(b)), 1, steps)
+
+    @torch.no_grad()
+    def evaluate(self, batch: RankingBatch) -> dict[str, float]:
+        """``{"loss_sum", "correct_pairs", "pairs", "rows"}`` over this rank's held-out shard."""
+        self.engine.eval()
+        batch = batch.to(self.device)
+        k = batch.input_ids.shape[1]
+        pairs_per_row = k * (k - 1) / 2
+        sums = {"loss_sum": 0.0, "correct_pairs": 0.0, "pairs": 0.0, "rows": float(len(batch))}
+        for start in range(0, len(batch), self.cfg.micro_batch_size):
+            b = batch.select(slice(start, start + self.cfg.micro_batch_size))
+            loss, metrics = ranking_loss(self._rewards(b))
+            pairs = len(b) * pairs_per_row
+            sums["loss_sum"] += float(loss) * pairs
+            sums["correct_pairs"] += float(metrics["accuracy"]) * pairs
+            sums["pairs"] += pairs
+        return sums
