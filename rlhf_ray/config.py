@@ -173,6 +173,8 @@ class AlgoConfig:
     """token_mean | seq_mean_token_mean | seq_mean_token_sum"""
     whiten_advantages: bool = True
     """whiten GAE advantages over the batch"""
+    kl_ceiling: float = 0.0
+    """stop the run when the mean sequence KL to the reference exceeds this (0 = no ceiling)"""
 
     @property
     def needs_critic(self) -> bool:
@@ -251,8 +253,23 @@ class TrainerConfig:
     """evaluate on held-out prompts every k steps (0 = never during training)"""
     output_dir: str = ""
     """run directory; empty = Hydra's run directory"""
-    log_every: int = 1
-    """print a console line every k steps"""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in the checkpoint dir, if any) | never | a checkpoint path"""
+    resume_ignore_config: bool = False
+    """load a checkpoint even when it was written with a different config"""
+    checkpoint_dir: str = ""
+    """where checkpoints go; empty = <run dir>/checkpoints"""
+    keep_checkpoints: int = 2
+    """complete checkpoints kept (older ones are pruned after a newer one completes)"""
+    stop_after_steps: int = 0
+    """stop with a checkpoint after this many steps in this process (0 = run to total_steps)"""
+    max_nonfinite_updates: int = 3
+    """abort after this many updates in a row skipped for a non-finite loss or gradient"""
+    max_engine_repairs: int = 3
+    """restarted rollout engines re-synced per step before giving up"""
+    max_restarts: int = 1
+    """after a worker failure (e.g. a dead learner rank), rebuild every group and resume from
+    the last checkpoint at most this many times; 0 = stop with the error naming the worker"""
     wandb: bool = False
     """also log metrics to Weights & Biases (needs `pip install wandb`; project from WANDB_PROJECT)"""
 
@@ -341,6 +358,12 @@ def config_errors(cfg: Config) -> list[str]:
             e.append(f"rollout.{key}: must be >= 1, got {getattr(r, key)}")
     if cfg.trainer.prompts_per_step < 1:
         e.append(f"trainer.prompts_per_step: must be >= 1, got {cfg.trainer.prompts_per_step}")
+    if cfg.trainer.resume not in ("auto", "never") and not cfg.trainer.resume.strip():
+        e.append("trainer.resume: 'auto', 'never' or a checkpoint path")
+    if cfg.trainer.keep_checkpoints < 1:
+        e.append(f"trainer.keep_checkpoints: must be >= 1, got {cfg.trainer.keep_checkpoints}")
+    if cfg.trainer.save_every < 0:
+        e.append(f"trainer.save_every: must be >= 0, got {cfg.trainer.save_every}")
     if cfg.trainer.total_steps < 0:
         e.append(f"trainer.total_steps: must be >= 0, got {cfg.trainer.total_steps}")
     if cfg.data.max_prompt_len < 1:

@@ -5,6 +5,8 @@ names the worker it came from."""
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 from ray.util.placement_group import placement_group
@@ -20,25 +22,29 @@ class WorkerError(RuntimeError):
 
 
 def wait(refs: list, workers: list, what: str, timeout_s: float) -> list:
-    """``ray.get`` of one ref per worker, naming the worker that failed or is stuck."""
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if pending:
-        stuck = [repr(w) for w, r in zip(workers, refs) if r in pending]
-        raise WorkerError(f"{what}: no answer after {timeout_s:.0f}s from {', '.join(stuck)}")
-    out = []
-    for w, r in zip(workers, refs, strict=True):
+    """``ray.get`` of one ref per worker, in order. Fails as soon as any worker fails (its
+    peers may be blocked in a collective with it and would never answer), naming it; after
+    ``timeout_s`` names the workers that have not answered."""
+    name_of = {r: w for r, w in zip(refs, workers, strict=True)}
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+        if not ready:
+            stuck = ", ".join(repr(name_of[r]) for r in pending)
+            raise WorkerError(f"{what}: no answer after {timeout_s:.0f}s from {stuck}")
         try:
-            out.append(ray.get(r))
+            ray.get(ready[0])
         except ray.exceptions.RayError as e:
-            raise WorkerError(f"{what} failed on {w!r}: {e}") from e
-    return out
+            raise WorkerError(f"{what} failed on {name_of[ready[0]]!r}: {e}") from e
+    return ray.get(list(refs))
 
 
 class Group:
     """Named workers of one role, one placement-group bundle each."""
 
     def __init__(self, plan: RolePlan, cls: type, kwargs_for, *, namespace: str, timeout_s: float,
-                 env: dict[str, str] | None = None, max_restarts: int = 0):
+                 env: dict[str, str] | None = None, max_restarts: int = 0, max_task_retries: int = 0):
         self.plan, self.timeout_s = plan, timeout_s
         self.pg = placement_group([plan.bundle() for _ in range(plan.workers)], strategy=plan.strategy,
                                   name=f"rlhf_ray-{plan.role}")
@@ -48,7 +54,7 @@ class Group:
         self.workers = [
             remote_cls.options(
                 name=name, namespace=namespace, num_cpus=plan.cpus, num_gpus=plan.gpus,
-                max_restarts=max_restarts, max_task_retries=0,
+                max_restarts=max_restarts, max_task_retries=max_task_retries,
                 runtime_env={"env_vars": env or {}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(**kwargs_for(i, name))
@@ -89,12 +95,13 @@ class RolloutGroup(Group):
         parts = chunks(len(prompt_ids), len(self.workers))
         refs = [
             w.generate.remote(prompt_ids[s], list(range(s.start, s.stop)), seed=seed, min_version=min_version, n=n)
-            for w, s in zip(self.workers, parts)
+            for w, s in zip(self.workers, parts, strict=True)
         ]
         return [sample for part in self.get(refs, "generate") for sample in part]
 
-    def versions(self) -> list[int]:
-        return self.get([w.weight_version.remote() for w in self.workers], "weight_version")
+    def versions(self, timeout_s: float | None = None) -> list[int]:
+        refs = [w.weight_version.remote() for w in self.workers]
+        return wait(refs, self.names, "rollout.weight_version", timeout_s or self.timeout_s)
 
     def init_weight_group(self, host: str, port: int, tp: int) -> list:
         return [w.init_weight_group.remote(host, port, 1 + i * tp, 1 + len(self.workers) * tp)
@@ -111,7 +118,7 @@ class RolloutGroup(Group):
 class RewardGroup(Group):
     def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
         parts = chunks(len(prompts), len(self.workers))
-        refs = [w.score.remote(prompts[s], completions[s]) for w, s in zip(self.workers, parts)]
+        refs = [w.score.remote(prompts[s], completions[s]) for w, s in zip(self.workers, parts, strict=True)]
         results = self.get(refs, "score")
         return {k: [x for r in results for x in r[k]] for k in results[0]}
 
@@ -119,7 +126,7 @@ class RewardGroup(Group):
 class ReferenceGroup(Group):
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
         parts = chunks(len(exp), len(self.workers))
-        refs = [w.compute_logprobs.remote(exp.select(s)) for w, s in zip(self.workers, parts)]
+        refs = [w.compute_logprobs.remote(exp.select(s)) for w, s in zip(self.workers, parts, strict=True)]
         return torch.cat(self.get(refs, "compute_logprobs"))
 
 
@@ -137,6 +144,12 @@ class DeepSpeedGroup(Group):
     def save_hf(self, path: str) -> None:
         self.get([w.save_hf.remote(path) for w in self.workers], "save_hf")
 
+    def save_checkpoint(self, path: str) -> None:
+        self.get([w.save_checkpoint.remote(path) for w in self.workers], "save_checkpoint")
+
+    def load_checkpoint(self, path: str) -> None:
+        self.get([w.load_checkpoint.remote(path) for w in self.workers], "load_checkpoint")
+
     def checksum(self) -> float:
         return self.get([w.parameter_checksum.remote() for w in self.workers], "checksum")[0]
 
@@ -144,7 +157,7 @@ class DeepSpeedGroup(Group):
 class PolicyGroup(DeepSpeedGroup):
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
         shards = exp.split(len(self.workers))
-        return torch.cat(self.get([w.compute_logprobs.remote(s) for w, s in zip(self.workers, shards)],
+        return torch.cat(self.get([w.compute_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)],
                                   "compute_logprobs"))
 
     def compute_logprobs_replicated(self, exp: Experience) -> torch.Tensor:
@@ -153,7 +166,7 @@ class PolicyGroup(DeepSpeedGroup):
 
     def update(self, exp: Experience, kl_coef: float) -> dict[str, float]:
         shards = exp.split(len(self.workers))
-        return self.mean_metrics([w.update.remote(s, kl_coef) for w, s in zip(self.workers, shards)], "update")
+        return self.mean_metrics([w.update.remote(s, kl_coef) for w, s in zip(self.workers, shards, strict=True)], "update")
 
     def weight_manifest(self) -> list[TensorMeta]:
         return self.get([self.workers[0].weight_manifest.remote()], "weight_manifest")[0]
@@ -171,9 +184,9 @@ class PolicyGroup(DeepSpeedGroup):
 class CriticGroup(DeepSpeedGroup):
     def compute_values(self, exp: Experience) -> torch.Tensor:
         shards = exp.split(len(self.workers))
-        return torch.cat(self.get([w.compute_values.remote(s) for w, s in zip(self.workers, shards)],
+        return torch.cat(self.get([w.compute_values.remote(s) for w, s in zip(self.workers, shards, strict=True)],
                                   "compute_values"))
 
     def update(self, exp: Experience) -> dict[str, float]:
         shards = exp.split(len(self.workers))
-        return self.mean_metrics([w.update.remote(s) for w, s in zip(self.workers, shards)], "update")
+        return self.mean_metrics([w.update.remote(s) for w, s in zip(self.workers, shards, strict=True)], "update")

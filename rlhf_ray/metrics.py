@@ -80,7 +80,9 @@ class MetricsLogger:
         global _active_gauges
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        path = self.run_dir / "metrics.jsonl"
+        _drop_rows_after(path, start_step)  # rows of steps a resumed run will redo
+        self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -120,6 +122,15 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _clean(v):

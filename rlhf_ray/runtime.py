@@ -12,6 +12,7 @@ from pathlib import Path
 import ray
 
 from rlhf_ray.config import Config
+from rlhf_ray.faults import fault_env
 from rlhf_ray.groups import CriticGroup, PolicyGroup, ReferenceGroup, RewardGroup, RolloutGroup
 from rlhf_ray.placement import RolePlan, check_fits, format_plan, plan_totals, resource_plan
 
@@ -100,7 +101,7 @@ class Groups:
 
 def worker_env(cfg: Config) -> dict[str, str]:
     threads = str(cfg.cluster.threads_per_worker)
-    env = {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    env = {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false", **fault_env()}
     if cfg.cluster.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", VLLM_CPU_OMP_THREADS_BIND="nobind")
     return env
@@ -127,7 +128,7 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
     reward = RewardGroup(plan["reward"], RewardWorker, lambda i, name: dict(
         name=name, cfg=cfg.reward, threads=c.threads_per_worker, seed=cfg.seed,
         trust_remote_code=m.trust_remote_code,
-    ), **common, max_restarts=3)
+    ), **common, max_restarts=3, max_task_retries=3)  # scoring is idempotent: Ray may retry it
     reference = ReferenceGroup(plan["reference"], ReferenceWorker, lambda i, name: dict(
         name=name, model_path=assets.reference_path, device=c.device, dtype=m.dtype,
         micro_batch_size=cfg.policy.micro_batch_size, temperature=cfg.rollout.temperature,

@@ -45,33 +45,68 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs/run")
 
 
+def check_assets(cfg: Config, assets, tokenizer) -> None:
+    """Before any worker starts: the tokenizer must fit every model it will feed."""
+    from transformers import AutoConfig
+
+    from rlhf_ray.models import check_tokenizer_matches_model
+
+    roles = {"policy": assets.policy_path, "reference": assets.reference_path}
+    if cfg.algo.needs_critic:
+        roles["critic"] = assets.critic_path
+    for role, path in roles.items():
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        check_tokenizer_matches_model(tokenizer, model_config, where=role)
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     import ray
 
     from rlhf_ray.data import load_prompt_dataset
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.placement import format_plan, resource_plan
-    from rlhf_ray.runtime import build_groups, connect, resolve_assets
-    from rlhf_ray.trainer import Trainer
+    from rlhf_ray.runtime import connect, resolve_assets
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(redacted(asdict(cfg)), indent=2) + "\n")
     plan = resource_plan(cfg)
     assets = resolve_assets(cfg)
     tokenizer = load_tokenizer(assets.policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    check_assets(cfg, assets, tokenizer)
     prompts = list(load_prompt_dataset(assets.train_prompts, prompt_key=cfg.data.prompt_key)[cfg.data.prompt_key])
     eval_prompts = list(load_prompt_dataset(assets.eval_prompts, prompt_key=cfg.data.prompt_key)[cfg.data.prompt_key])
     started = connect(cfg, plan)
     log.info("resource plan:\n%s", format_plan(plan))
-    groups = build_groups(cfg, assets)
     try:
-        summary = Trainer(cfg, groups, tokenizer, prompts, run_dir, eval_prompts).fit()
+        summary = fit_with_restarts(cfg, assets, tokenizer, prompts, eval_prompts, run_dir)
     finally:
-        groups.shutdown()
         if started:
             ray.shutdown()
     log.info("run finished: %s", run_dir)
     return summary
+
+
+def fit_with_restarts(cfg: Config, assets, tokenizer, prompts: list[str], eval_prompts: list[str],
+                      run_dir: Path) -> dict:
+    """Build the groups and train. A worker failure that the trainer cannot repair in place (a
+    dead learner rank, say) tears every group down and resumes from the last complete
+    checkpoint, at most ``trainer.max_restarts`` times; then the error, naming the worker, stands."""
+    from rlhf_ray.groups import WorkerError
+    from rlhf_ray.runtime import build_groups
+    from rlhf_ray.trainer import Trainer
+
+    for attempt in range(cfg.trainer.max_restarts + 1):
+        groups = build_groups(cfg, assets)
+        try:
+            return Trainer(cfg, groups, tokenizer, prompts, run_dir, eval_prompts).fit()
+        except WorkerError as e:
+            if attempt == cfg.trainer.max_restarts or cfg.trainer.resume == "never":
+                raise
+            log.warning("worker failure: %s -- restarting all groups from the last checkpoint (%d/%d)",
+                        e, attempt + 1, cfg.trainer.max_restarts)
+        finally:
+            groups.shutdown()
+    raise AssertionError("unreachable")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

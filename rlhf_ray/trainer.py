@@ -4,35 +4,40 @@
 4. advantages  5. update (policy, critic)  6. sync weights to the engines (+ checks)  7. metrics
 
 Everything heavy runs in the worker groups; the trainer holds only the run's small state
-(step, weight version, prompt position, KL coefficient, reward statistics).
+(step, weight version, prompt position, KL coefficient, reward statistics), which it saves in
+every checkpoint together with the learners' DeepSpeed checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algo import AdaptiveKLController, FixedKLController
 from rlhf_ray.batch import Experience, RolloutSample, pad_samples
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, config_hash
 from rlhf_ray.data.datasets import DataError, tokenize_prompts_with_index
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.experience import RunningMoments, compute_advantages, prepare_scores
-from rlhf_ray.groups import wait
+from rlhf_ray.faults import maybe_fail
+from rlhf_ray.groups import WorkerError
 from rlhf_ray.metrics import MetricsLogger, timed
 from rlhf_ray.runtime import Groups
-from rlhf_ray.sync.buckets import plan_buckets
+from rlhf_ray.sync.coordinator import WeightSync
 
 log = logging.getLogger(__name__)
 
 
-class StaleEngineError(RuntimeError):
-    """An engine did not report the weight version the trainer just sent."""
+class TrainingAborted(RuntimeError):
+    """A numerical guard stopped the run (KL ceiling, repeated non-finite updates)."""
 
 
 class Trainer:
@@ -51,24 +56,37 @@ class Trainer:
         self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target > 0
                        else FixedKLController(a.kl_coef))
         self.moments = RunningMoments() if cfg.reward.normalize else None
-        self.step_index, self.weight_version = 0, 0
-        self.engine_versions = dict.fromkeys(groups.rollout.names, 0)
-        self.plan = plan_buckets(groups.policy.weight_manifest(), int(cfg.sync.bucket_mb * 2**20))
-        self.weight_bytes = sum(m.nbytes for bucket in self.plan for m in bucket)
-        if cfg.sync.backend == "collective":
-            self._init_weight_group()
+        self.step_index, self.weight_version, self.nonfinite_streak = 0, 0, 0
+        self.checkpoint_root = Path(cfg.trainer.checkpoint_dir or self.run_dir / "checkpoints")
+        self.sync = WeightSync(groups.policy, groups.rollout, cfg.sync, timeout_s=cfg.cluster.call_timeout_s,
+                               tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                               pad_id=tokenizer.pad_token_id)
+        self.stop_requested = False
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
+        self.maybe_resume()
         logger = MetricsLogger(self.run_dir, self.cfg.trainer.total_steps, self.step_index)
         history: list[dict] = []
-        try:
-            while self.step_index < self.cfg.trainer.total_steps:
-                metrics = self.step()
-                logger.log(self.step_index, metrics)
-                history.append(metrics)
-        finally:
-            logger.close()
+        budget = self.cfg.trainer.stop_after_steps or self.cfg.trainer.total_steps
+        with self._sigterm_stops():
+            try:
+                while self.step_index < self.cfg.trainer.total_steps and len(history) < budget:
+                    metrics = self.step()
+                    logger.log(self.step_index, metrics)
+                    history.append(metrics)
+                    self._guards(metrics)
+                    every = self.cfg.trainer.save_every
+                    if self.stop_requested or (every and self.step_index % every == 0):
+                        self.save_checkpoint()
+                    if self.stop_requested:
+                        break
+            finally:
+                logger.close()
+        if self.step_index < self.cfg.trainer.total_steps:  # stopped early: checkpoint, no final model
+            if not ckpt.is_complete(ckpt.step_dir(self.checkpoint_root, self.step_index)):
+                self.save_checkpoint()
+            return {"steps": self.step_index, "stopped": True, "weight_version": self.weight_version}
         return self.finish(history)
 
     def step(self) -> dict[str, float]:
@@ -77,11 +95,10 @@ class Trainer:
         # 1. sample prompts
         indices = self.sampler.next_batch()
         prompts = [self.prompts[i] for i in indices]
-        # 2. rollout: every engine must hold the current weights
+        # 2. rollout: every engine must hold the current weights (restarted engines are repaired)
         with timed(t, "rollout"):
-            samples = self.g.rollout.generate([self.prompt_ids[i] for i in indices],
-                                              seed=c.seed * 1_000_003 + self.step_index * 10_007,
-                                              min_version=self.weight_version)
+            samples = self._rollout([self.prompt_ids[i] for i in indices],
+                                    seed=c.seed * 1_000_003 + self.step_index * 10_007)
         exp = pad_samples(samples, self.tokenizer.pad_token_id)
         sample_prompts = [prompts[s.prompt_index] for s in samples]
         completions = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
@@ -92,12 +109,11 @@ class Trainer:
         if "gold" in scored:
             m["reward/gold"] = float(torch.tensor(scored["gold"]).nanmean())
         if m["reward/nonfinite"] and c.reward.nan_policy == "skip_step":
-            log.warning("step %d skipped: %d non-finite rewards", self.step_index, m["reward/nonfinite"])
+            log.warning("step %d skipped: %d non-finite rewards", self.step_index + 1, m["reward/nonfinite"])
             self.step_index += 1
             return {**m, **t, "trainer/skipped": 1.0}
-        exp = replace(exp, scores=scores, valid=valid)
         with timed(t, "experience"):
-            exp = self._experience(exp)
+            exp = self._experience(replace(exp, scores=scores, valid=valid))
         # 4. advantages
         with timed(t, "advantages"):
             exp, adv_metrics = compute_advantages(exp, c.algo, self.kl_ctl.value, c.rollout.n_samples_per_prompt)
@@ -107,10 +123,11 @@ class Trainer:
             if self.g.critic is not None:
                 m.update(self.g.critic.update(exp))
         self.kl_ctl.update(adv_metrics["kl/mean"], len(exp))
-        # 6. sync: learner -> engines, then check versions and logprobs
+        # 6. sync: learner -> engines as the next version; every engine must report it
         with timed(t, "sync"):
-            m.update(self.sync_weights())
-            m["rollout/logprob_diff"] = self._logprob_spot_check(samples[: c.sync.check_samples])
+            m.update(self.sync.push(self.weight_version + 1))
+            self.weight_version += 1
+            m["rollout/logprob_diff"] = self.sync.spot_check(samples[: c.sync.check_samples])
         # 7. metrics
         self.step_index += 1
         tokens = float(exp.response_mask.sum())
@@ -124,6 +141,20 @@ class Trainer:
         return m
 
     # ------------------------------------------------------------------ phases
+    def _rollout(self, prompt_ids: list[list[int]], seed: int) -> list[RolloutSample]:
+        """Generate; if an engine died (Ray restarts it with the initial weights), bring every
+        engine back to the current version and generate again. Per-prompt seeds make the
+        retry produce the same samples: none lost, none duplicated."""
+        for attempt in range(self.cfg.trainer.max_engine_repairs + 1):
+            try:
+                return self.g.rollout.generate(prompt_ids, seed=seed, min_version=self.weight_version)
+            except WorkerError as e:
+                if attempt == self.cfg.trainer.max_engine_repairs:
+                    raise
+                log.warning("rollout failed (%s); repairing engines", e)
+                self.sync.repair(self.weight_version)
+        raise AssertionError("unreachable")
+
     def _experience(self, exp: Experience) -> Experience:
         old = self.g.policy.compute_logprobs(exp)
         ref = self.g.reference.compute_logprobs(exp)
@@ -136,49 +167,79 @@ class Trainer:
         diff = (exp.rollout_logprobs - exp.old_logprobs).abs() * exp.response_mask
         return float(diff.sum() / exp.response_mask.sum().clamp(min=1))
 
-    def _init_weight_group(self) -> None:
-        host, port = self.g.policy.address()
-        tp = self.cfg.rollout.tensor_parallel_size
-        world = 1 + len(self.g.rollout.workers) * tp
-        refs = self.g.policy.init_weight_group((host, port, world)) + self.g.rollout.init_weight_group(host, port, tp)
-        wait(refs, ["policy-0"] + self.g.rollout.names, "init weight-sync group", self.cfg.cluster.call_timeout_s)
+    def _guards(self, m: dict[str, float]) -> None:
+        ceiling = self.cfg.algo.kl_ceiling
+        if ceiling and m.get("kl/mean", 0.0) > ceiling:
+            raise TrainingAborted(f"step {self.step_index}: kl/mean {m['kl/mean']:.3f} exceeds algo.kl_ceiling={ceiling}")
+        skipped = m.get("policy/nonfinite_steps", 0.0) + m.get("critic/nonfinite_steps", 0.0)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+        if skipped:
+            log.warning("step %d: %d optimizer steps skipped for non-finite loss/gradient", self.step_index, skipped)
+        if self.nonfinite_streak >= self.cfg.trainer.max_nonfinite_updates:
+            raise TrainingAborted(f"{self.nonfinite_streak} updates in a row had non-finite losses or gradients "
+                                  f"(trainer.max_nonfinite_updates={self.cfg.trainer.max_nonfinite_updates})")
 
-    def sync_weights(self) -> dict[str, float]:
-        """Stream the policy's weights to every engine; verify each reports the new version."""
-        start = time.perf_counter()
-        version = self.weight_version + 1
-        policy, rollout = self.g.policy, self.g.rollout
-        if self.cfg.sync.backend == "object_store":
-            refs = policy.get(policy.send_weights(self.plan, True), "send_weights")[0]
-            reported = rollout.get(rollout.receive_weights(self.plan, version, refs), "receive_weights")
-        else:
-            send = policy.send_weights(self.plan, False)
-            receive = rollout.receive_weights(self.plan, version, None)
-            results = wait(send + receive, policy.names + rollout.names, "weight sync", self.cfg.cluster.call_timeout_s)
-            reported = results[len(send):]
-        stale = [f"{n}=v{v}" for n, v in zip(rollout.names, reported, strict=True) if v != version]
-        if stale:
-            raise StaleEngineError(f"after sync to v{version} engines report {', '.join(stale)}")
-        self.weight_version = version
-        self.engine_versions = dict(zip(rollout.names, reported, strict=True))
-        seconds = time.perf_counter() - start
-        return {"rollout/weight_version": float(version), "sync/seconds": seconds,
-                "sync/bytes": float(self.weight_bytes), "sync/buckets": float(len(self.plan))}
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"step": self.step_index, "weight_version": self.weight_version, "sampler": self.sampler.state_dict(),
+                "kl_controller": self.kl_ctl.state_dict(), "config_hash": config_hash(self.cfg),
+                "reward_moments": self.moments.state_dict() if self.moments else None,
+                "nonfinite_streak": self.nonfinite_streak}
 
-    def _logprob_spot_check(self, samples: list[RolloutSample]) -> float:
-        """Max over engines of the mean |vLLM - learner| logprob on the same tokens, new weights."""
-        sequences = [s.prompt_ids + s.response_ids for s in samples]
-        engine_logprobs = self.g.rollout.score_tokens(sequences)
-        exp = pad_samples(samples, self.tokenizer.pad_token_id)
-        learner = self.g.policy.compute_logprobs_replicated(exp)
-        worst = 0.0
-        for per_engine in engine_logprobs:
-            diffs = [abs(e - float(learner[i, j])) for i, (s, lps) in enumerate(zip(samples, per_engine))
-                     for j, e in enumerate(lps[-len(s.response_ids):])]
-            worst = max(worst, sum(diffs) / max(len(diffs), 1))
-        if worst > self.cfg.sync.logprob_check_tol:
-            log.warning("rollout/logprob_diff %.2e after sync exceeds %.1e", worst, self.cfg.sync.logprob_check_tol)
-        return worst
+    def save_checkpoint(self) -> Path:
+        path = ckpt.step_dir(self.checkpoint_root, self.step_index)
+        path.mkdir(parents=True, exist_ok=True)
+        self.g.policy.save_checkpoint(str(path / "policy"))
+        if self.g.critic is not None:
+            self.g.critic.save_checkpoint(str(path / "critic"))
+        ckpt.write_driver_state(path, self.state_dict())
+        maybe_fail("driver", "checkpoint")
+        ckpt.mark_complete(path, self.step_index)  # last: only now does the checkpoint count
+        ckpt.prune(self.checkpoint_root, self.cfg.trainer.keep_checkpoints)
+        log.info("checkpoint %s", path)
+        return path
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        path = None if resume == "never" else ckpt.latest(self.checkpoint_root) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        if not ckpt.is_complete(path):
+            raise FileNotFoundError(f"trainer.resume: {path} is not a complete checkpoint (no {ckpt.MARKER})")
+        state = ckpt.read_driver_state(path)
+        ckpt.check_config(state, config_hash(self.cfg), self.cfg.trainer.resume_ignore_config, path)
+        self.g.policy.load_checkpoint(str(path / "policy"))
+        if self.g.critic is not None:
+            self.g.critic.load_checkpoint(str(path / "critic"))
+        self.step_index, self.weight_version = state["step"], state["weight_version"]
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        if self.moments is not None and state["reward_moments"]:
+            self.moments.load_state_dict(state["reward_moments"])
+        self.sync.push(self.weight_version)  # engines start from the initial weights: re-send
+        log.info("resumed from %s at step %d (weights v%d)", path, self.step_index, self.weight_version)
+
+    def _sigterm_stops(self):
+        """SIGTERM (preemption, ``ray job stop``) finishes the current step, checkpoints, stops."""
+        import contextlib
+
+        if threading.current_thread() is not threading.main_thread():
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def handler():
+            def request_stop(signum, frame):
+                log.warning("SIGTERM: stopping after this step with a checkpoint")
+                self.stop_requested = True
+
+            previous = signal.signal(signal.SIGTERM, request_stop)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+        return handler()
 
     # ------------------------------------------------------------------ the end
     def evaluate(self, prompts: list[str], n: int = 1) -> dict[str, float]:
@@ -197,7 +258,7 @@ class Trainer:
         self.g.policy.save_hf(str(final))
         self.tokenizer.save_pretrained(str(final))
         summary = {"steps": self.step_index, "weight_version": self.weight_version,
-                   "engine_versions": self.engine_versions, "skipped_prompts": self.skipped_prompts,
+                   "engine_versions": self.sync.engine_versions, "skipped_prompts": self.skipped_prompts,
                    "final_model": str(final)}
         if history:
             summary["last"] = history[-1]

@@ -8,18 +8,46 @@ and LR schedule at each accumulation boundary.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from rlhf_ray.batch import Experience
 from rlhf_ray.config import LearnerConfig
+from rlhf_ray.faults import maybe_fail
 from rlhf_ray.sync.group import free_port, node_ip
 from rlhf_ray.workers.common import device_for, setup_process, torch_dtype
 
 LossFn = Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step on EVERY rank when any rank sees a non-finite gradient.
+
+    Under ZeRO each rank steps only its partition, so the decision is all-reduced: otherwise
+    one rank would update and another not, and the replicas would silently diverge. A skipped
+    step leaves weights and optimizer state untouched (the LR schedule still advances).
+    """
+
+    skipped = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = any(not torch.isfinite(p.grad).all() for p in params)
+        flag = torch.tensor([float(bad)], device=params[0].device if params else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            self.skipped += 1
+            return None
+        return super().step(closure)
 
 
 def deepspeed_config(cfg: LearnerConfig, gradient_accumulation_steps: int, dtype: str) -> dict:
@@ -85,7 +113,7 @@ class DeepSpeedRank:
         deepspeed.init_distributed(dist_backend="nccl" if self.device_kind == "cuda" else "gloo")
         self.device = device_for(self.device_kind)
         model = self.build_model().to(self.device)
-        optimizer = torch.optim.AdamW(
+        optimizer = GuardedAdamW(
             [p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr,
             weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95),
         )
@@ -94,6 +122,7 @@ class DeepSpeedRank:
             num_training_steps=max(self.total_optimizer_steps, 1),
         )
         config = deepspeed_config(self.cfg, self.gradient_accumulation_steps, self.dtype)
+        self.guard = optimizer
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
@@ -104,6 +133,7 @@ class DeepSpeedRank:
 
     def train_on(self, exp: Experience, loss_fn: LossFn, epochs: int, minibatches: int) -> dict[str, float]:
         """``epochs`` shuffled passes over this rank's shard, ``minibatches`` optimizer steps each."""
+        maybe_fail(self.name, "train")
         self.engine.train()
         exp = exp.to(self.device)
         n = len(exp)
@@ -111,7 +141,7 @@ class DeepSpeedRank:
         mb = self.cfg.micro_batch_size
         generator = torch.Generator().manual_seed(self.seed + self.engine.global_steps)
         sums: dict[str, float] = defaultdict(float)
-        micro_steps = 0
+        micro_steps, skipped_before = 0, self.guard.skipped
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, minibatch * minibatches, mb):
@@ -125,6 +155,7 @@ class DeepSpeedRank:
                 sums["loss"] += float(loss.detach())
         out = {f"{self.role}/{k}": v / micro_steps for k, v in sums.items()}
         out[f"{self.role}/lr"] = self.scheduler.get_last_lr()[0]
+        out[f"{self.role}/nonfinite_steps"] = float(self.guard.skipped - skipped_before)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             out[f"{self.role}/grad_norm"] = float(grad_norm)
@@ -147,7 +178,44 @@ class DeepSpeedRank:
                 state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
                 self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
 
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, LR schedule; every rank writes its shards)
+        plus this rank's RNG states."""
+        self.engine.save_checkpoint(path, tag="ds", save_latest=False)
+        Path(path, f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
+
+    def load_checkpoint(self, path: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(
+            path, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise FileNotFoundError(f"{self!r}: no DeepSpeed checkpoint in {path}")
+        set_rng_state(json.loads(Path(path, f"rng_rank{self.rank}.json").read_text()))
+
     def parameter_checksum(self) -> float:
         """Sum of all full weights (a cheap 'did the weights change' probe)."""
         with self.full_state():
             return float(sum(p.detach().double().sum() for p in self.engine.module.parameters()))
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as JSON-able data (no pickles in checkpoints)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_py = random.getstate()
+    return {
+        "python": [version, list(state), gauss_py],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    import numpy as np
+
+    version, state, gauss_py = s["python"]
+    random.setstate((version, tuple(state), gauss_py))
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))

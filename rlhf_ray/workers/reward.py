@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from rlhf_ray.config import RewardConfig
+from rlhf_ray.faults import maybe_fail
 from rlhf_ray.workers.common import setup_process
 
 Scorer = Callable[[list[str], list[str]], list[float]]
@@ -54,7 +55,7 @@ class ModelScorer:
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(prompts), self.batch_size):
-            texts = [p + c for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size])]
+            texts = [p + c for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size], strict=True)]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True)
             logits = self.model(**enc).logits.float()
             if self.cfg.label_index < 0:
@@ -133,6 +134,7 @@ class RewardWorker:
         """``{"reward": [...]}`` plus ``"gold"`` when a gold labeler is configured."""
         source = f"{self.name} ({self.cfg.kind} reward)"
         out = {"reward": check_rewards(self.scorer(prompts, completions), len(prompts), source)}
+        maybe_fail(self.name, "score")
         if self.gold is not None:
             gold = check_rewards(self.gold(prompts, completions), len(prompts), f"{self.name} (gold)")
             out["gold"] = [g if math.isfinite(g) else float("nan") for g in gold]

@@ -13,6 +13,7 @@ import os
 
 from rlhf_ray.batch import RolloutSample
 from rlhf_ray.config import RolloutConfig
+from rlhf_ray.faults import maybe_fail
 from rlhf_ray.sync.buckets import TensorMeta
 
 RECEIVER = "rlhf_ray.sync.receiver.WeightReceiver"
@@ -86,6 +87,7 @@ class RolloutWorker:
             for i in prompt_indices
         ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        maybe_fail(self.name, "generate")
         samples = []
         for out, index, ids in zip(outputs, prompt_indices, prompt_ids, strict=True):
             for c in out.outputs:

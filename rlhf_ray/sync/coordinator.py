@@ -1,0 +1,85 @@
+"""Driver side of weight sync: sets up the transport, pushes a weight version to every
+engine and checks each reports it, spot-checks vLLM's logprobs against the learner's, and
+repairs engines that Ray restarted (they come back holding the initial weights)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rlhf_ray.batch import RolloutSample, pad_samples
+from rlhf_ray.config import SyncConfig
+from rlhf_ray.groups import PolicyGroup, RolloutGroup, WorkerError, wait
+from rlhf_ray.sync.buckets import plan_buckets
+
+log = logging.getLogger(__name__)
+
+
+class StaleEngineError(RuntimeError):
+    """An engine did not report the weight version it was just sent."""
+
+
+class WeightSync:
+    def __init__(self, policy: PolicyGroup, rollout: RolloutGroup, cfg: SyncConfig, *, tensor_parallel_size: int,
+                 timeout_s: float, pad_id: int):
+        self.policy, self.rollout, self.cfg = policy, rollout, cfg
+        self.tp, self.timeout_s, self.pad_id = tensor_parallel_size, timeout_s, pad_id
+        self.plan = plan_buckets(policy.weight_manifest(), int(cfg.bucket_mb * 2**20))
+        self.weight_bytes = sum(m.nbytes for bucket in self.plan for m in bucket)
+        self.engine_versions = dict.fromkeys(rollout.names, 0)
+        if cfg.backend == "collective":
+            self.init_group()
+
+    def init_group(self) -> None:
+        """(Re)build the private group: policy rank 0 + every engine worker."""
+        host, port = self.policy.address()
+        world = 1 + len(self.rollout.workers) * self.tp
+        refs = self.policy.init_weight_group((host, port, world)) + self.rollout.init_weight_group(host, port, self.tp)
+        wait(refs, ["policy-0"] + self.rollout.names, "init weight-sync group", self.timeout_s)
+
+    def push(self, version: int) -> dict[str, float]:
+        """Stream the policy's weights to every engine as ``version``; verify every engine has it."""
+        start = time.perf_counter()
+        if self.cfg.backend == "object_store":
+            refs = self.policy.get(self.policy.send_weights(self.plan, True), "send_weights")[0]
+            reported = self.rollout.get(self.rollout.receive_weights(self.plan, version, refs), "receive_weights")
+        else:
+            send = self.policy.send_weights(self.plan, False)
+            receive = self.rollout.receive_weights(self.plan, version, None)
+            names = self.policy.names + self.rollout.names
+            reported = wait(send + receive, names, "weight sync", self.timeout_s)[len(send):]
+        self.engine_versions = dict(zip(self.rollout.names, reported, strict=True))
+        stale = [f"{n}=v{v}" for n, v in self.engine_versions.items() if v != version]
+        if stale:
+            raise StaleEngineError(f"after sync to v{version} engines report {', '.join(stale)}")
+        return {"rollout/weight_version": float(version), "sync/seconds": time.perf_counter() - start,
+                "sync/bytes": float(self.weight_bytes), "sync/buckets": float(len(self.plan))}
+
+    def repair(self, version: int, wait_s: float = 300.0) -> None:
+        """Wait for restarted engines to answer, rebuild the transport and re-push ``version``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                versions = self.rollout.versions(timeout_s=60)
+                break
+            except WorkerError as e:
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"rollout engines did not come back within {wait_s:.0f}s: {e}") from e
+                time.sleep(2)
+        log.warning("repairing rollout engines (versions %s) to v%d", dict(zip(self.rollout.names, versions, strict=True)), version)
+        if self.cfg.backend == "collective":
+            self.init_group()
+        self.push(version)
+
+    def spot_check(self, samples: list[RolloutSample]) -> float:
+        """Max over engines of the mean |vLLM - learner| logprob on the same tokens (new weights)."""
+        engine_logprobs = self.rollout.score_tokens([s.prompt_ids + s.response_ids for s in samples])
+        learner = self.policy.compute_logprobs_replicated(pad_samples(samples, self.pad_id))
+        worst = 0.0
+        for per_engine in engine_logprobs:
+            diffs = [abs(e - float(learner[i, j])) for i, (s, lps) in enumerate(zip(samples, per_engine, strict=True))
+                     for j, e in enumerate(lps[-len(s.response_ids):])]
+            worst = max(worst, sum(diffs) / max(len(diffs), 1))
+        if worst > self.cfg.logprob_check_tol:
+            log.warning("rollout/logprob_diff %.2e after sync exceeds %.1e", worst, self.cfg.logprob_check_tol)
+        return worst
