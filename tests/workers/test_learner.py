@@ -68,3 +68,25 @@ def test_two_zero_ranks_train_in_lockstep(ray_cluster, tiny, stage):
         assert torch.allclose(lp[0], lp[1])
     finally:
         group.shutdown()
+
+
+@pytest.mark.e2e
+def test_nonfinite_gradient_skips_the_step_on_every_rank(ray_cluster, tiny):
+    cfg = LearnerConfig(num_ranks=2, zero_stage=2, micro_batch_size=4, lr=1e-2)
+    algo = AlgoConfig(epochs=1, minibatches=1)
+    group = PolicyGroup(RolePlan("policy", 2, 1.0, 0, "PACK"), PolicyWorker, lambda i, name: dict(
+        name=name, rank=i, world_size=2, cfg=cfg, model_path=tiny, algo=algo, gradient_accumulation_steps=1,
+    ), namespace="rlhf_ray_tests", timeout_s=300, env={"DS_ACCELERATOR": "cpu"})
+    try:
+        group.ready()
+        group.init_world()
+        exp = experience()
+        exp.old_logprobs = group.compute_logprobs(exp)
+        exp.advantages[6, 0] = float("nan")  # only rank 1's shard (rows 4..7) is poisoned
+        before = group.get([w.parameter_checksum.remote() for w in group.workers], "checksum")
+        metrics = group.update(exp, kl_coef=0.0)
+        after = group.get([w.parameter_checksum.remote() for w in group.workers], "checksum")
+        assert after == before  # neither rank stepped
+        assert metrics["policy/nonfinite_steps"] == 1.0
+    finally:
+        group.shutdown()
