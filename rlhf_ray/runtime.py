@@ -70,17 +70,53 @@ def connect(cfg: Config, plan: list[RolePlan]) -> bool:
         # Logical CPUs are what Ray schedules by; threads per worker are pinned separately.
         num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(plan_totals(plan)["CPU"] + 0.999))
         ray.init(
+            address="local",  # a new cluster, never some other cluster running on this machine
             num_cpus=num_cpus, namespace=c.namespace, include_dashboard=c.include_dashboard,
             dashboard_host="127.0.0.1", object_store_memory=c.object_store_mb * 2**20,
+            resources=node_resources(plan) or None,  # cluster.node_resources on one machine
         )
         started = True
-    problems = check_fits(plan, ray.cluster_resources())
+    problems = check_fits(plan, ray.cluster_resources(), alive_nodes())
     if problems:
         if started:
             ray.shutdown()
         raise RuntimeError("the resource plan does not fit the cluster:\n" + "\n".join(problems) +
                            "\n" + format_plan(plan))
     return started
+
+
+def node_resources(plan: list[RolePlan]) -> dict[str, float]:
+    """The plan's custom (node-type) resources, e.g. ``{"rollout_node": 2, "learner_node": 5}``."""
+    return {k: v for k, v in plan_totals(plan).items() if k not in ("CPU", "GPU")}
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def dry_run(cfg: Config) -> str:
+    """The resource plan; with ``cluster.address`` / ``RAY_ADDRESS`` set, also checked against
+    that cluster (connect, compare, disconnect: no worker starts). Raises when it does not fit."""
+    plan = resource_plan(cfg)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    if not address and not ray.is_initialized():
+        return format_plan(plan) + "\n(no cluster.address / RAY_ADDRESS: not checked against a cluster)"
+    joined = not ray.is_initialized()
+    if joined:
+        ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=False)
+    try:
+        nodes, total = alive_nodes(), ray.cluster_resources()
+    finally:
+        if joined:
+            ray.shutdown()
+    lines = [format_plan(plan), f"cluster {address or '(connected)'}: {len(nodes)} alive node(s)"]
+    for i, node in enumerate(nodes):
+        shown = {k: v for k, v in sorted(node.items()) if k in ("CPU", "GPU") or k in plan_totals(plan)}
+        lines.append(f"  node {i}: " + ", ".join(f"{k} {v:g}" for k, v in shown.items()))
+    problems = check_fits(plan, total, nodes)
+    if problems:
+        raise RuntimeError("the resource plan does not fit the cluster:\n" + "\n".join(problems + lines))
+    return "\n".join(lines + ["the plan fits the cluster"])
 
 
 @dataclass

@@ -41,15 +41,14 @@ class TrainingAborted(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, groups: Groups, tokenizer, prompts: list[str], run_dir: Path,
-                 eval_prompts: list[str] | None = None):
+    def __init__(self, cfg: Config, groups: Groups, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
+                 run_dir: Path, eval_prompts: list[str] | None = None):
+        """``prompts`` and their token ids (``prompt_ids[i]`` encodes ``prompts[i]``, already
+        within ``data.max_prompt_len``)."""
         self.cfg, self.g, self.tokenizer, self.run_dir = cfg, groups, tokenizer, Path(run_dir)
-        self.prompt_ids, kept = tokenize_prompts_with_index(
-            tokenizer, prompts, cfg.data.max_prompt_len, cfg.data.overlong_prompt)
-        if not self.prompt_ids:
-            raise DataError(f"no training prompts left after the '{cfg.data.overlong_prompt}' policy")
-        self.prompts = [prompts[i] for i in kept]
-        self.skipped_prompts = len(prompts) - len(kept)
+        if not prompt_ids or len(prompts) != len(prompt_ids):
+            raise DataError(f"{len(prompts)} prompts and {len(prompt_ids)} token lists: need as many, at least one")
+        self.prompts, self.prompt_ids = prompts, prompt_ids
         self.eval_prompts = eval_prompts or []
         self.sampler = PromptSampler(len(self.prompt_ids), cfg.trainer.prompts_per_step, cfg.seed)
         a = cfg.algo
@@ -258,8 +257,7 @@ class Trainer:
         self.g.policy.save_hf(str(final))
         self.tokenizer.save_pretrained(str(final))
         summary = {"steps": self.step_index, "weight_version": self.weight_version,
-                   "engine_versions": self.sync.engine_versions, "skipped_prompts": self.skipped_prompts,
-                   "final_model": str(final)}
+                   "engine_versions": self.sync.engine_versions, "final_model": str(final)}
         if history:
             summary["last"] = history[-1]
         if self.eval_prompts:

@@ -33,7 +33,7 @@ def ray_cluster():
     workers pin one thread each, see cluster.threads_per_worker)."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20,
              namespace="rlhf_ray_tests", log_to_driver=False)
     yield ray
     ray.shutdown()

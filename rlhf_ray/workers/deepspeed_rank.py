@@ -127,6 +127,11 @@ class DeepSpeedRank:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
 
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients: by DeepSpeed's own overflow check
+        (ZeRO 1/2 run it even in fp32) or by ``GuardedAdamW`` where DeepSpeed has none."""
+        return self.guard.skipped + int(getattr(self.engine, "skipped_steps", 0))
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)
@@ -141,7 +146,7 @@ class DeepSpeedRank:
         mb = self.cfg.micro_batch_size
         generator = torch.Generator().manual_seed(self.seed + self.engine.global_steps)
         sums: dict[str, float] = defaultdict(float)
-        micro_steps, skipped_before = 0, self.guard.skipped
+        micro_steps, skipped_before = 0, self.skipped_steps()
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, minibatch * minibatches, mb):
@@ -155,7 +160,7 @@ class DeepSpeedRank:
                 sums["loss"] += float(loss.detach())
         out = {f"{self.role}/{k}": v / micro_steps for k, v in sums.items()}
         out[f"{self.role}/lr"] = self.scheduler.get_last_lr()[0]
-        out[f"{self.role}/nonfinite_steps"] = float(self.guard.skipped - skipped_before)
+        out[f"{self.role}/nonfinite_steps"] = float(self.skipped_steps() - skipped_before)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             out[f"{self.role}/grad_norm"] = float(grad_norm)
@@ -176,7 +181,7 @@ class DeepSpeedRank:
         with self.full_state():
             if self.rank == 0:
                 state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
-                self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+                self.engine.module.save_pretrained(path, state_dict=state)  # safetensors (transformers 5)
 
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR schedule; every rank writes its shards)
