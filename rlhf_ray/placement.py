@@ -79,10 +79,16 @@ def format_plan(plan: list[RolePlan]) -> str:
     return "\n".join(lines)
 
 
-def check_fits(plan: list[RolePlan], available: dict[str, float]) -> list[str]:
-    """Problems placing ``plan`` on a cluster with ``available`` resources (empty when it fits)."""
-    return [
+def check_fits(plan: list[RolePlan], available: dict[str, float],
+               nodes: list[dict[str, float]] | None = None) -> list[str]:
+    """Problems placing ``plan`` on a cluster with ``available`` resources in total and, when
+    given, these ``nodes`` (each node's resources; every bundle must fit on one node)."""
+    problems = [
         f"cluster: the plan needs {v:g} {k} but the cluster has {available.get(k, 0):g}"
         for k, v in plan_totals(plan).items()
         if v > available.get(k, 0) + 1e-9
     ]
+    for r in plan if nodes else []:
+        if not any(all(node.get(k, 0) + 1e-9 >= v for k, v in r.bundle().items()) for node in nodes):
+            problems.append(f"cluster: no node can hold one {r.role} bundle {r.bundle()}")
+    return problems

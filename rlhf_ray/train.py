@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_ray.config import Config, redacted, register_configs, validate
@@ -40,9 +41,13 @@ def compose_config(overrides: list[str]) -> Config:
 
 
 def run_dir_of(cfg: Config) -> Path:
+    """``trainer.output_dir``, else Hydra's output dir (``hydra.sweep.dir/<job num>`` under ``-m``).
+    In a multirun, an explicit ``trainer.output_dir`` gets the job number appended."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     if cfg.trainer.output_dir:
-        return Path(cfg.trainer.output_dir)
-    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs/run")
+        multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+        return Path(cfg.trainer.output_dir) / (str(hydra_cfg.job.num) if multirun else "")
+    return Path(hydra_cfg.runtime.output_dir) if hydra_cfg is not None else Path("outputs/run")
 
 
 def check_assets(cfg: Config, assets, tokenizer) -> None:
@@ -62,7 +67,7 @@ def check_assets(cfg: Config, assets, tokenizer) -> None:
 def run(cfg: Config, run_dir: Path) -> dict:
     import ray
 
-    from rlhf_ray.data import load_prompt_dataset
+    from rlhf_ray.data import DataError, load_prompt_dataset, tokenize_prompts_with_index
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.placement import format_plan, resource_plan
     from rlhf_ray.runtime import connect, resolve_assets
@@ -73,12 +78,21 @@ def run(cfg: Config, run_dir: Path) -> dict:
     assets = resolve_assets(cfg)
     tokenizer = load_tokenizer(assets.policy_path, trust_remote_code=cfg.model.trust_remote_code)
     check_assets(cfg, assets, tokenizer)
-    prompts = list(load_prompt_dataset(assets.train_prompts, prompt_key=cfg.data.prompt_key)[cfg.data.prompt_key])
-    eval_prompts = list(load_prompt_dataset(assets.eval_prompts, prompt_key=cfg.data.prompt_key)[cfg.data.prompt_key])
+    prompts = list(load_prompt_dataset(assets.train_prompts, prompt_key=cfg.data.prompt_key)["prompt"])
+    eval_prompts = list(load_prompt_dataset(assets.eval_prompts, prompt_key=cfg.data.prompt_key)["prompt"])
+    prompt_ids, kept = tokenize_prompts_with_index(tokenizer, prompts, cfg.data.max_prompt_len,
+                                                   cfg.data.overlong_prompt)
+    if not prompt_ids:
+        raise DataError(f"{assets.train_prompts}: no prompts left after data.overlong_prompt="
+                        f"{cfg.data.overlong_prompt} (data.max_prompt_len={cfg.data.max_prompt_len})")
+    if len(kept) < len(prompts):
+        log.warning("%d of %d prompts skipped as longer than data.max_prompt_len", len(prompts) - len(kept),
+                    len(prompts))
+    prompts = [prompts[i] for i in kept]
     started = connect(cfg, plan)
     log.info("resource plan:\n%s", format_plan(plan))
     try:
-        summary = fit_with_restarts(cfg, assets, tokenizer, prompts, eval_prompts, run_dir)
+        summary = fit_with_restarts(cfg, assets, tokenizer, (prompts, prompt_ids), eval_prompts, run_dir)
     finally:
         if started:
             ray.shutdown()
@@ -86,8 +100,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
-def fit_with_restarts(cfg: Config, assets, tokenizer, prompts: list[str], eval_prompts: list[str],
-                      run_dir: Path) -> dict:
+def fit_with_restarts(cfg: Config, assets, tokenizer, prompts: tuple[list[str], list[list[int]]],
+                      eval_prompts: list[str], run_dir: Path) -> dict:
     """Build the groups and train. A worker failure that the trainer cannot repair in place (a
     dead learner rank, say) tears every group down and resumes from the last complete
     checkpoint, at most ``trainer.max_restarts`` times; then the error, naming the worker, stands."""
@@ -98,7 +112,7 @@ def fit_with_restarts(cfg: Config, assets, tokenizer, prompts: list[str], eval_p
     for attempt in range(cfg.trainer.max_restarts + 1):
         groups = build_groups(cfg, assets)
         try:
-            return Trainer(cfg, groups, tokenizer, prompts, run_dir, eval_prompts).fit()
+            return Trainer(cfg, groups, tokenizer, *prompts, run_dir, eval_prompts).fit()
         except WorkerError as e:
             if attempt == cfg.trainer.max_restarts or cfg.trainer.resume == "never":
                 raise
@@ -114,9 +128,10 @@ def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = to_config(dcfg)
     if cfg.dry_run:
-        from rlhf_ray.placement import format_plan, resource_plan
+        from rlhf_ray.runtime import dry_run
 
-        print(format_plan(resource_plan(cfg)))
+        print(dry_run(cfg))
+        print(f"run directory: {run_dir_of(cfg)}")
         return
     run(cfg, run_dir_of(cfg))
 
