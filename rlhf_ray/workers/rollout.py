@@ -60,7 +60,7 @@ class RolloutWorker:
         self.version = weight_version
 
     def __repr__(self) -> str:
-        return f"RolloutWorker({self.name}, v{self.version})"
+        return f"RolloutWorker({self.name})"
 
     def weight_version(self) -> int:
         return self.version
