@@ -22,6 +22,7 @@ import torch
 
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algo import AdaptiveKLController, FixedKLController
+from rlhf_ray.algo.overoptimization import proxy_gold_divergence
 from rlhf_ray.batch import Experience, RolloutSample, pad_samples
 from rlhf_ray.config import Config, config_hash
 from rlhf_ray.data.datasets import DataError, tokenize_prompts_with_index
@@ -75,6 +76,7 @@ class Trainer:
                     logger.log(self.step_index, metrics)
                     history.append(metrics)
                     self._guards(metrics)
+                    self._warn_overoptimization(history)
                     every = self.cfg.trainer.save_every
                     if self.stop_requested or (every and self.step_index % every == 0):
                         self.save_checkpoint()
@@ -177,6 +179,17 @@ class Trainer:
         if self.nonfinite_streak >= self.cfg.trainer.max_nonfinite_updates:
             raise TrainingAborted(f"{self.nonfinite_streak} updates in a row had non-finite losses or gradients "
                                   f"(trainer.max_nonfinite_updates={self.cfg.trainer.max_nonfinite_updates})")
+
+    @staticmethod
+    def _warn_overoptimization(history: list[dict]) -> None:
+        """Warn when the proxy reward (``reward/mean``) rose while the gold score fell over the last
+        steps (reward over-optimisation, Gao et al. 2022); once per episode, at its onset."""
+        proxy = [h.get("reward/mean", float("nan")) for h in history]
+        gold = [h.get("reward/gold", float("nan")) for h in history]
+        d = proxy_gold_divergence(proxy, gold)
+        if d and not proxy_gold_divergence(proxy[:-1], gold[:-1]):
+            log.warning("reward over-optimisation? over the last %d steps the proxy reward rose by %.1f std while "
+                        "reward/gold fell by %.1f std", d.window, d.proxy_change, -d.gold_change)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

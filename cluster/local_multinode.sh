@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on one machine, for trying the multi-node placement of rlhf_ray:
+# a head node (runs the job driver, hosts no workers), ROLLOUT_NODES nodes that advertise the
+# `rollout_node` resource and LEARNER_NODES nodes that advertise `learner_node` (see
+# rlhf_ray/placement.py; train with cluster.node_resources=true). Every node binds to 127.0.0.1,
+# uses free ports and one temp dir of its own ($RLHF_LOCAL_DIR), and token authentication is on
+# unless RAY_AUTH_MODE says otherwise (a token is generated into $RLHF_LOCAL_DIR/auth_token).
+#
+#   cluster/local_multinode.sh start     # prints how to use it; writes $RLHF_LOCAL_DIR/env
+#   source /tmp/rlhf_ray_local/env       # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, auth settings
+#   python -m rlhf_ray.train cluster.node_resources=true dry_run=true   # check the plan
+#   deploy/submit.sh cluster.node_resources=true trainer.total_steps=2   # run it as a job
+#   cluster/local_multinode.sh stop      # stops exactly these nodes (by pid, then by temp dir)
+#
+# Knobs (environment): RLHF_LOCAL_DIR (default /tmp/rlhf_ray_local; keep it short: unix socket
+# paths), RAY (ray binary; default .venv/bin/ray or `ray` on PATH), ROLLOUT_NODES (1),
+# LEARNER_NODES (1), ROLLOUT_CPUS (2: engines per rollout node), LEARNER_CPUS (6: learner, critic,
+# reference and reward workers per learner node), HEAD_CPUS (1), OBJECT_STORE_MB (256 per node).
+set -euo pipefail
+
+DIR=${RLHF_LOCAL_DIR:-/tmp/rlhf_ray_local}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z ${RAY:-} ]]; then
+  if [[ -x $HERE/.venv/bin/ray ]]; then RAY=$HERE/.venv/bin/ray; else RAY=$(command -v ray); fi
+fi
+PYTHON=$(dirname "$RAY")/python
+[[ -x $PYTHON ]] || PYTHON=python3
+ROLLOUT_NODES=${ROLLOUT_NODES:-1}
+LEARNER_NODES=${LEARNER_NODES:-1}
+ROLLOUT_CPUS=${ROLLOUT_CPUS:-2}
+LEARNER_CPUS=${LEARNER_CPUS:-6}
+HEAD_CPUS=${HEAD_CPUS:-1}
+OBJECT_STORE=$(( ${OBJECT_STORE_MB:-256} * 1024 * 1024 ))
+
+free_ports() {  # N free TCP ports on 127.0.0.1
+  "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+launch() {  # launch NAME ARGS...: `ray start --block` in its own session; its pid goes to $DIR/pids
+  local name=$1; shift
+  # PATH: `python` in job entrypoints is the interpreter of this ray (e.g. the project's venv)
+  PATH="$(dirname "$RAY"):$PATH" setsid "$RAY" start --block --disable-usage-stats --node-ip-address=127.0.0.1 --temp-dir="$DIR/ray" \
+    --object-store-memory="$OBJECT_STORE" "$@" >"$DIR/$name.log" 2>&1 < /dev/null &
+  echo "$! $name" >>"$DIR/pids"
+}
+
+wait_nodes() {  # wait until the cluster reports $1 alive nodes
+  local want=$1
+  local deadline=$((SECONDS + ${START_TIMEOUT_S:-180}))
+  while ((SECONDS < deadline)); do
+    if "$PYTHON" - "$want" <<'EOF' 2>/dev/null; then return 0; fi
+import os, sys
+import ray
+ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="ERROR")
+alive = sum(n["Alive"] for n in ray.nodes())
+sys.exit(0 if alive >= int(sys.argv[1]) else 1)
+EOF
+    sleep 2
+  done
+  echo "cluster did not reach $want nodes; logs in $DIR/*.log" >&2
+  return 1
+}
+
+start() {
+  if [[ -f $DIR/pids ]]; then
+    echo "$DIR/pids exists: a cluster may be running; run '$0 stop' first" >&2
+    exit 1
+  fi
+  mkdir -p "$DIR"
+  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+  if [[ $RAY_AUTH_MODE == token && -z ${RAY_AUTH_TOKEN:-} && -z ${RAY_AUTH_TOKEN_PATH:-} ]]; then
+    (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$DIR/auth_token")
+    export RAY_AUTH_TOKEN_PATH=$DIR/auth_token
+  fi
+  # every port of every node in one go, so no two nodes can be handed the same free port
+  local ports
+  read -r -a ports < <(free_ports $((7 + 4 * (ROLLOUT_NODES + LEARNER_NODES))))
+  read -r GCS DASH AGENT AGENT_GRPC RTENV CLIENT METRICS <<<"${ports[*]:0:7}"
+  ports=("${ports[@]:7}")
+  # slow machines: give each node's agents longer than the default to come up
+  export RAY_agent_register_timeout_ms=${RAY_agent_register_timeout_ms:-120000}
+  launch head --head --port="$GCS" --num-cpus="$HEAD_CPUS" --resources='{}' \
+    --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH" \
+    --dashboard-agent-listen-port="$AGENT" --dashboard-agent-grpc-port="$AGENT_GRPC" \
+    --runtime-env-agent-port="$RTENV" --ray-client-server-port="$CLIENT" --metrics-export-port="$METRICS" \
+    --labels="rlhf-ray/node-type=head"
+  export RAY_ADDRESS=127.0.0.1:$GCS
+  wait_nodes 1 || { stop; exit 1; }
+  # one node at a time: nodes sharing a temp dir must not race for their socket/log file names
+  local i kind nodes=1
+  for kind in rollout learner; do
+    local count=$ROLLOUT_NODES cpus=$ROLLOUT_CPUS
+    [[ $kind == learner ]] && count=$LEARNER_NODES cpus=$LEARNER_CPUS
+    for ((i = 0; i < count; i++)); do
+      read -r AGENT AGENT_GRPC RTENV METRICS <<<"${ports[*]:0:4}"
+      ports=("${ports[@]:4}")
+      launch "$kind-node-$i" --address="$RAY_ADDRESS" --num-cpus="$cpus" \
+        --resources="{\"${kind}_node\": $cpus}" --labels="rlhf-ray/node-type=$kind" \
+        --dashboard-agent-listen-port="$AGENT" --dashboard-agent-grpc-port="$AGENT_GRPC" \
+        --runtime-env-agent-port="$RTENV" --metrics-export-port="$METRICS"
+      nodes=$((nodes + 1))
+      wait_nodes "$nodes" || { stop; exit 1; }
+    done
+  done
+  {
+    echo "export RAY_ADDRESS=$RAY_ADDRESS"
+    echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH"
+    echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE"
+    [[ -n ${RAY_AUTH_TOKEN_PATH:-} ]] && echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+    echo "export RLHF_METRICS_URL=http://127.0.0.1:$METRICS/metrics"
+  } >"$DIR/env"
+  cat <<EOF
+local cluster up: 1 head + $ROLLOUT_NODES rollout node(s) + $LEARNER_NODES learner node(s), temp dir $DIR
+  source $DIR/env
+  dashboard:  http://127.0.0.1:$DASH   (head metrics: http://127.0.0.1:$METRICS/metrics)
+  stop:       $0 stop
+EOF
+}
+
+own_pids() {  # every process whose command line names our temp dir (raylets, workers, agents)
+  "$PYTHON" - "$DIR/ray" <<'EOF'
+import os, sys
+me, mark = os.getpid(), sys.argv[1].encode()
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if int(pid) != me and mark in f.read():
+                print(pid)
+    except OSError:
+        pass
+EOF
+}
+
+stop() {
+  if [[ ! -f $DIR/pids ]]; then
+    echo "no $DIR/pids: nothing started here" >&2
+    return 0
+  fi
+  local pid name left
+  # worker nodes first (they drain through the head's GCS), the head last. Each `ray start
+  # --block` leads its own process group: TERM the group, wait for it, KILL it if it hangs.
+  while read -r pid name; do
+    kill -TERM -- "-$pid" 2>/dev/null || continue
+    for _ in $(seq 1 20); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done < <(tac "$DIR/pids")
+  # whatever is left of ours (workers in process groups of their own)
+  for _ in $(seq 1 10); do
+    left=$(own_pids)
+    [[ -z $left ]] && break
+    sleep 1
+  done
+  [[ -n ${DEBUG_STOP:-} && -n $left ]] && ps -o pid,pgid,etime,cmd -p "$(echo $left | tr ' ' ,)" | cut -c1-160 >&2
+  for pid in $left; do kill -KILL "$pid" 2>/dev/null || true; done
+  rm -f "$DIR/pids" "$DIR/env"
+  echo "stopped the local cluster in $DIR"
+}
+
+case ${1:-} in
+  start) start ;;
+  stop) stop ;;
+  status) [[ -f $DIR/pids ]] && cat "$DIR/pids" && echo "$(own_pids | wc -l) processes" || echo "not running" ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
