@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,13 +24,13 @@ from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algo import AdaptiveKLController, FixedKLController
 from rlhf_ray.algo.overoptimization import proxy_gold_divergence
 from rlhf_ray.batch import Experience, RolloutSample, pad_samples
-from rlhf_ray.config import Config, config_hash
+from rlhf_ray.config import Config, config_hash, redacted
 from rlhf_ray.data.datasets import DataError, tokenize_prompts_with_index
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.experience import RunningMoments, compute_advantages, prepare_scores
 from rlhf_ray.faults import maybe_fail
 from rlhf_ray.groups import WorkerError
-from rlhf_ray.metrics import MetricsLogger, timed
+from rlhf_ray.metrics import MetricsLogger, samples_in_flight, timed
 from rlhf_ray.runtime import Groups
 from rlhf_ray.sync.coordinator import WeightSync
 
@@ -66,7 +66,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         self.maybe_resume()
-        logger = MetricsLogger(self.run_dir, self.cfg.trainer.total_steps, self.step_index)
+        wandb = redacted(asdict(self.cfg)) if self.cfg.trainer.wandb else None
+        logger = MetricsLogger(self.run_dir, self.cfg.trainer.total_steps, self.step_index, wandb_config=wandb)
         history: list[dict] = []
         budget = self.cfg.trainer.stop_after_steps or self.cfg.trainer.total_steps
         with self._sigterm_stops():
@@ -97,7 +98,7 @@ class Trainer:
         indices = self.sampler.next_batch()
         prompts = [self.prompts[i] for i in indices]
         # 2. rollout: every engine must hold the current weights (restarted engines are repaired)
-        with timed(t, "rollout"):
+        with timed(t, "rollout"), samples_in_flight(len(indices) * c.rollout.n_samples_per_prompt):
             samples = self._rollout([self.prompt_ids[i] for i in indices],
                                     seed=c.seed * 1_000_003 + self.step_index * 10_007)
         exp = pad_samples(samples, self.tokenizer.pad_token_id)

@@ -8,7 +8,15 @@ import math
 import pytest
 
 from rlhf_ray.config import EvalConfig
-from rlhf_ray.evaluate import format_table, mean_se, plot_curves, policy_names, read_metrics, score_texts, table_rows
+from rlhf_ray.evaluate import (
+    format_table,
+    mean_se,
+    plot_curves,
+    policy_names,
+    read_metrics,
+    score_texts,
+    table_rows,
+)
 
 
 def test_mean_and_standard_error():

@@ -52,8 +52,9 @@ class WeightSync:
         stale = [f"{n}=v{v}" for n, v in self.engine_versions.items() if v != version]
         if stale:
             raise StaleEngineError(f"after sync to v{version} engines report {', '.join(stale)}")
+        per_engine = {f"rollout/weight_version/{n}": float(v) for n, v in self.engine_versions.items()}
         return {"rollout/weight_version": float(version), "sync/seconds": time.perf_counter() - start,
-                "sync/bytes": float(self.weight_bytes), "sync/buckets": float(len(self.plan))}
+                "sync/bytes": float(self.weight_bytes), "sync/buckets": float(len(self.plan)), **per_engine}
 
     def repair(self, version: int, wait_s: float = 300.0) -> None:
         """Wait for restarted engines to answer, rebuild the transport and re-push ``version``."""
