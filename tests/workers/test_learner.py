@@ -41,9 +41,9 @@ def test_workers_build_without_ray(tiny):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_zero_ranks_train_in_lockstep(ray_cluster, tiny, stage):
-    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=2, lr=1e-2)
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (2, True)])
+def test_two_zero_ranks_train_in_lockstep(ray_cluster, tiny, stage, offload):
+    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, offload=offload, micro_batch_size=2, lr=1e-2)
     algo = AlgoConfig(epochs=1, minibatches=1)
     plan = RolePlan("policy", 2, 1.0, 0, "PACK")
     group = PolicyGroup(plan, PolicyWorker, lambda i, name: dict(
