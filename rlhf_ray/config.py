@@ -485,7 +485,7 @@ class SFTConfig:
     """column holding the prompt"""
     response_key: str = "response"
     """column holding the demonstrated response (EOS is appended as a token)"""
-    epochs: int = 6
+    epochs: int = 10
     """passes over the training rows (held-out loss after each)"""
     steps_per_call: int = 25
     """optimizer steps per call to the learner group (granularity of progress and metrics)"""

@@ -196,8 +196,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path:
-    """Proxy reward, gold and KL per step, one panel each, written to ``out`` (PNG)."""
+def rolling_mean(values: list[float], k: int) -> list[float]:
+    """Mean of the last ``k`` values at each position (fewer at the start)."""
+    return [sum(values[max(0, i - k + 1) : i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(values))]
+
+
+def plot_curves(rows: list[dict], out: Path, title: str = "", smooth: int = 10) -> Path:
+    """Proxy reward, gold and KL per step (with a rolling mean), one panel each, to ``out`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,7 +212,10 @@ def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path:
     for ax, (key, label) in zip(axes, CURVES, strict=True):
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
         if points:
-            ax.plot(*zip(*points, strict=True), marker=".", linewidth=1)
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker=".", linewidth=0.6, alpha=0.35, label="per step")
+            ax.plot(steps, rolling_mean(list(values), smooth), linewidth=2, label=f"mean of {smooth}")
+            ax.legend(fontsize=7)
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -259,8 +267,9 @@ def run(cfg: EvalConfig, out_dir: Path, show: bool = True) -> dict:
                                      reference_logprobs)
                for name, path in zip(names, cfg.policies, strict=True)}
     header, rows = table_rows(results, cfg.rollout.temperature)
+    ref_name = names[cfg.policies.index(reference)] if reference in cfg.policies else Path(reference).name
     title = (f"held-out evaluation: {len(prompts)} prompts, {cfg.rollout.n_samples_per_prompt} samples each "
-             f"at T={cfg.rollout.temperature:g}, and greedy; KL to {Path(reference).name}")
+             f"at T={cfg.rollout.temperature:g}, and greedy; KL to {ref_name}")
     report = {"policies": results, "reference": reference, "reward_model": cfg.reward_model_path,
               "prompts": len(prompts), "samples_per_prompt": cfg.rollout.n_samples_per_prompt,
               "temperature": cfg.rollout.temperature, "title": title, "header": header, "rows": rows,

@@ -14,6 +14,7 @@ from rlhf_ray.evaluate import (
     plot_curves,
     policy_names,
     read_metrics,
+    rolling_mean,
     score_texts,
     table_rows,
 )
@@ -69,3 +70,8 @@ def test_policy_names():
     assert policy_names(EvalConfig(policies=["/a/sft", "/b/ppo"])) == ["sft", "ppo"]
     assert policy_names(EvalConfig(policies=["/sft/model", "/ppo/model"])) == ["sft/model", "ppo/model"]
     assert policy_names(EvalConfig(policies=["/x", "/y"], names=["a", "b"])) == ["a", "b"]
+
+
+def test_rolling_mean():
+    assert rolling_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert rolling_mean([], 3) == []

@@ -110,7 +110,7 @@ def generate_task_data(
     n_prompts_eval: int = 200,
     n_sft_train: int = 4000,
     n_sft_eval: int = 200,
-    n_comparisons_train: int = 2000,
+    n_comparisons_train: int = 8000,  # the tiny reward model needs many to tell near-misses apart
     n_comparisons_eval: int = 200,
     k: int = 4,
     spec: TaskSpec = DEFAULT_TASK,

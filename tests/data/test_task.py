@@ -85,8 +85,8 @@ def test_demonstrator_mixture_proportions() -> None:
             kinds["corrupt"] += 1
     # Binomial std for n=2000 is ~0.011; 0.04 is > 3 sigma.
     assert kinds["correct"] / 2000 == pytest.approx(0.40, abs=0.04)
-    assert kinds["copy"] / 2000 == pytest.approx(0.35, abs=0.04)
-    assert kinds["corrupt"] / 2000 == pytest.approx(0.25, abs=0.04)
+    assert kinds["copy"] / 2000 == pytest.approx(0.55, abs=0.04)
+    assert kinds["corrupt"] / 2000 == pytest.approx(0.05, abs=0.03)
 
 
 def test_demonstrator_mean_gold_score_is_mediocre() -> None:
@@ -95,8 +95,8 @@ def test_demonstrator_mean_gold_score_is_mediocre() -> None:
     for _ in range(2000):
         prompt = make_prompt(rng)
         scores.append(gold_score(prompt, demonstrate(rng, prompt)))
-    # Hand estimate: .4 * 1 + .35 * ~.24 (copy) + .25 * ~.7 (1-2 wrong letters) ~ 0.66.
-    assert 0.55 < sum(scores) / len(scores) < 0.75
+    # Hand estimate: .4 * 1 + .55 * ~.24 (copy) + .05 * ~.7 (1-2 wrong letters) ~ 0.57.
+    assert 0.5 < sum(scores) / len(scores) < 0.65
 
 
 def test_corruptions_are_wrong_and_non_empty() -> None:
