@@ -583,35 +583,37 @@ class PipelineConfig:
 
 def supervised_config_errors(key: str, epochs: int, steps_per_call: int, learner: LearnerConfig,
                              data: SupervisedDataConfig) -> list[str]:
-    """Problems of an SFT / reward-model config, one ``dotted.key: message`` each."""
-    e = _check_learner(f"{key}.learner", learner, learner.num_ranks * learner.micro_batch_size, 1)
+    """Problems of an SFT / reward-model config, one ``dotted.key: message`` each (``key`` = its prefix)."""
+    key = f"{key}." if key else ""
+    e = _check_learner(f"{key}learner", learner, learner.num_ranks * learner.micro_batch_size, 1)
     if epochs < 1:
-        e.append(f"{key}.epochs: must be >= 1, got {epochs}")
+        e.append(f"{key}epochs: must be >= 1, got {epochs}")
     if steps_per_call < 1:
-        e.append(f"{key}.steps_per_call: must be >= 1, got {steps_per_call}")
+        e.append(f"{key}steps_per_call: must be >= 1, got {steps_per_call}")
     if data.max_len < 2:
-        e.append(f"{key}.data.max_len: must be >= 2, got {data.max_len}")
+        e.append(f"{key}data.max_len: must be >= 2, got {data.max_len}")
     for name in ("max_train_rows", "max_eval_rows"):
         if getattr(data, name) < 0:
-            e.append(f"{key}.data.{name}: must be >= 0, got {getattr(data, name)}")
+            e.append(f"{key}data.{name}: must be >= 0, got {getattr(data, name)}")
     return e
 
 
 def eval_config_errors(key: str, c: EvalConfig, need_policies: bool = True) -> list[str]:
-    """Problems of an evaluation config, one ``dotted.key: message`` each."""
+    """Problems of an evaluation config, one ``dotted.key: message`` each (``key`` = its prefix)."""
+    key = f"{key}." if key else ""
     e = []
     if need_policies and not c.policies:
-        e.append(f"{key}.policies: give at least one policy directory, e.g. '{key}.policies=[DIR]'")
+        e.append(f"{key}policies: give at least one policy directory, e.g. '{key}policies=[DIR]'")
     if c.names and len(c.names) != len(c.policies):
-        e.append(f"{key}.names: {len(c.names)} names for {len(c.policies)} policies")
+        e.append(f"{key}names: {len(c.names)} names for {len(c.policies)} policies")
     if len(set(c.names)) != len(c.names):
-        e.append(f"{key}.names: names must be distinct, got {c.names}")
+        e.append(f"{key}names: names must be distinct, got {c.names}")
     if c.rollout.temperature <= 0:
-        e.append(f"{key}.rollout.temperature: must be > 0 (greedy decoding is always reported too)")
+        e.append(f"{key}rollout.temperature: must be > 0 (greedy decoding is always reported too)")
     if c.rollout.n_samples_per_prompt < 1 or c.rollout.max_new_tokens < 1:
-        e.append(f"{key}.rollout: n_samples_per_prompt and max_new_tokens must be >= 1")
+        e.append(f"{key}rollout: n_samples_per_prompt and max_new_tokens must be >= 1")
     if c.gold_function and ":" not in c.gold_function:
-        e.append(f"{key}.gold_function: expected 'module:callable', got {c.gold_function!r}")
+        e.append(f"{key}gold_function: expected 'module:callable', got {c.gold_function!r}")
     return e
 
 

@@ -80,11 +80,12 @@ def generate_all(cfg: EvalConfig, names: list[str], prompt_ids: list[list[int]])
                 max_model_len=cfg.max_prompt_len + cfg.rollout.max_new_tokens, seed=cfg.seed,
             ), namespace=c.namespace, timeout_s=c.call_timeout_s, env=env)
         out = {}
-        for name, group in groups.items():
+        for name in names:
+            group = groups[name]
             sampled = group.generate(prompt_ids, seed=cfg.seed, min_version=0)
             greedy = group.get([group.workers[0].generate_greedy.remote(prompt_ids)], "generate_greedy")[0]
             out[name] = Completions(sampled, greedy)
-            group.shutdown()
+            groups.pop(name).shutdown()
         return out
     finally:
         for group in groups.values():
@@ -285,7 +286,7 @@ def run(cfg: EvalConfig, out_dir: Path, show: bool = True) -> dict:
 
 
 def validate_eval(cfg: EvalConfig) -> EvalConfig:
-    errors = eval_config_errors("eval", cfg)
+    errors = eval_config_errors("", cfg)
     if errors:
         raise ConfigError(errors)
     return cfg

@@ -44,7 +44,7 @@ register_configs()
 
 
 def validate_reward_model(cfg: RewardModelConfig) -> RewardModelConfig:
-    errors = supervised_config_errors("reward_model", cfg.epochs, cfg.steps_per_call, cfg.learner, cfg.data)
+    errors = supervised_config_errors("", cfg.epochs, cfg.steps_per_call, cfg.learner, cfg.data)
     if errors:
         raise ConfigError(errors)
     return cfg

@@ -166,7 +166,7 @@ def write_json(path: Path, data: dict) -> None:
 
 # --------------------------------------------------------------------------- SFT
 def validate_sft(cfg: SFTConfig) -> SFTConfig:
-    errors = supervised_config_errors("sft", cfg.epochs, cfg.steps_per_call, cfg.learner, cfg.data)
+    errors = supervised_config_errors("", cfg.epochs, cfg.steps_per_call, cfg.learner, cfg.data)
     if errors:
         raise ConfigError(errors)
     return cfg
