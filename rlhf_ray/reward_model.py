@@ -21,11 +21,9 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_ray.config import (
-    ConfigError,
     RewardModelConfig,
     redacted,
     register_configs,
-    supervised_config_errors,
 )
 from rlhf_ray.sft import (
     base_model_path,
@@ -36,18 +34,12 @@ from rlhf_ray.sft import (
     start_group,
     steps_per_epoch,
     task_file,
+    validate_supervised,
     write_json,
 )
 
 log = logging.getLogger("rlhf_ray.reward_model")
 register_configs()
-
-
-def validate_reward_model(cfg: RewardModelConfig) -> RewardModelConfig:
-    errors = supervised_config_errors("", cfg.epochs, cfg.steps_per_call, cfg.learner, cfg.data)
-    if errors:
-        raise ConfigError(errors)
-    return cfg
 
 
 def load_rankings(cfg: RewardModelConfig, tokenizer):
@@ -79,7 +71,7 @@ def run(cfg: RewardModelConfig, run_dir: Path) -> dict:
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.workers.supervised import RewardModelWorker
 
-    validate_reward_model(cfg)
+    validate_supervised(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", redacted(asdict(cfg)))
     base = base_model_path(cfg.model, cfg.seed)
@@ -114,7 +106,7 @@ def run(cfg: RewardModelConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="reward_model")
 def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = validate_reward_model(OmegaConf.to_object(dcfg))
+    cfg = validate_supervised(OmegaConf.to_object(dcfg))
     run(cfg, output_dir(cfg.output_dir))
 
 

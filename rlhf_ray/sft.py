@@ -165,7 +165,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # --------------------------------------------------------------------------- SFT
-def validate_sft(cfg: SFTConfig) -> SFTConfig:
+def validate_supervised(cfg):
+    """Raise ``ConfigError`` with every problem of a supervised stage's config (SFT or reward model)."""
     errors = supervised_config_errors("", cfg.epochs, cfg.steps_per_call, cfg.learner, cfg.data)
     if errors:
         raise ConfigError(errors)
@@ -193,7 +194,7 @@ def run(cfg: SFTConfig, run_dir: Path) -> dict:
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.workers.supervised import SFTWorker
 
-    validate_sft(cfg)
+    validate_supervised(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", redacted(asdict(cfg)))
     base = base_model_path(cfg.model, cfg.seed)
@@ -238,7 +239,7 @@ def output_dir(configured: str) -> Path:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
 def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = validate_sft(OmegaConf.to_object(dcfg))
+    cfg = validate_supervised(OmegaConf.to_object(dcfg))
     run(cfg, output_dir(cfg.output_dir))
 
 
