@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_job_submit_joins_cluster_and_streams_logs(head, tmp_path):
 
     out = tmp_path / "run"
     overrides = [
-        "algo=grpo", "rollout.num_engines=1", "policy.num_ranks=1", "trainer.total_steps=1",
+        "algo=grpo", "rollout.num_engines=1", "policy.num_ranks=1", "trainer.total_steps=2",
         "trainer.prompts_per_step=4", "algo.epochs=1", "rollout.max_new_tokens=6", "sync.check_samples=2",
         f"trainer.output_dir={out}", f"model.cache_dir={REPO / '.cache' / 'rlhf_ray'}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
@@ -143,12 +144,27 @@ def test_job_submit_joins_cluster_and_streams_logs(head, tmp_path):
     client = JobSubmissionClient(head.dashboard_url)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env())
 
-    seen_step_series = False
+    # The driver's gauges live on the endpoint only while the driver runs (Ray drops a dead
+    # worker's series at its next report), so a thread scrapes often for the whole job.
+    seen = threading.Event()
+    done = threading.Event()
+
+    def watch_metrics():
+        while not done.is_set() and not seen.is_set():
+            if "ray_rlhf_step{" in scrape(head.metrics_port):
+                seen.set()
+            done.wait(0.25)
+
+    watcher = threading.Thread(target=watch_metrics, daemon=True)
+    watcher.start()
     deadline = time.monotonic() + 240
-    while not (status := client.get_job_status(job_id)).is_terminal():
-        assert time.monotonic() < deadline, f"job {job_id} still {status}:\n{client.get_job_logs(job_id)[-4000:]}"
-        seen_step_series = seen_step_series or "ray_rlhf_step{" in scrape(head.metrics_port)
-        time.sleep(2)
+    try:
+        while not (status := client.get_job_status(job_id)).is_terminal():
+            assert time.monotonic() < deadline, f"job {job_id} still {status}:\n{client.get_job_logs(job_id)[-4000:]}"
+            time.sleep(2)
+    finally:
+        done.set()
+        watcher.join(timeout=10)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-6000:]
 
@@ -160,13 +176,13 @@ def test_job_submit_joins_cluster_and_streams_logs(head, tmp_path):
     # the trainer's console (progress bar) and step metrics stream through `ray job logs`
     assert "rl:" in logs
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1]
-    assert rows[0]["rollout/weight_version"] == 1.0
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["rollout/weight_version"] for r in rows] == [1.0, 2.0]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 1
+    assert summary["steps"] == 2
     assert (out / "final" / "config.json").exists()
     assert any((out / "tensorboard").iterdir())
-    assert seen_step_series, "the driver's ray_rlhf_* gauges never reached the head's metrics endpoint"
+    assert seen.is_set(), "the driver's ray_rlhf_* gauges never reached the head's metrics endpoint"
 
 
 def scrape(port: int) -> str:
