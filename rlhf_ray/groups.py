@@ -171,11 +171,11 @@ class PolicyGroup(DeepSpeedGroup):
     def weight_manifest(self) -> list[TensorMeta]:
         return self.get([self.workers[0].weight_manifest.remote()], "weight_manifest")[0]
 
-    def init_weight_group(self, host_port_world: tuple[str, int, int]) -> list:
-        return [self.workers[0].init_weight_group.remote(*host_port_world)]
+    def weight_group_address(self, world_size: int) -> tuple[str, int]:
+        return self.get([self.workers[0].weight_group_address.remote(world_size)], "weight_group_address")[0]
 
-    def address(self) -> tuple[str, int]:
-        return self.get([self.workers[0].address.remote()], "address")[0]
+    def init_weight_group(self, world_size: int) -> list:
+        return [self.workers[0].init_weight_group.remote(world_size)]
 
     def send_weights(self, plan: list[list[TensorMeta]], use_object_store: bool) -> list:
         return [w.send_weights.remote(plan, use_object_store) for w in self.workers]

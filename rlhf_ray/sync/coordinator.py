@@ -32,9 +32,9 @@ class WeightSync:
 
     def init_group(self) -> None:
         """(Re)build the private group: policy rank 0 + every engine worker."""
-        host, port = self.policy.address()
         world = 1 + len(self.rollout.workers) * self.tp
-        refs = self.policy.init_weight_group((host, port, world)) + self.rollout.init_weight_group(host, port, self.tp)
+        host, port = self.policy.weight_group_address(world)
+        refs = self.policy.init_weight_group(world) + self.rollout.init_weight_group(host, port, self.tp)
         wait(refs, ["policy-0"] + self.rollout.names, "init weight-sync group", self.timeout_s)
 
     def push(self, version: int) -> dict[str, float]:

@@ -9,7 +9,6 @@ Rank 0 is the learner and hosts the store; engine workers take ranks 1..world_si
 from __future__ import annotations
 
 import datetime
-import socket
 
 import torch.distributed as dist
 
@@ -26,19 +25,25 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def host_store(host: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """Rank 0's rendezvous store, on a port the OS assigns while binding it (``store.port``).
+
+    Picking a free port first and binding it later leaves a window in which another process
+    (a busy node starts many) can take it; binding port 0 has no such window."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def join_store(host: str, port: int, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    return dist.TCPStore(host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def create_group(
-    host: str, port: int, rank: int, world_size: int, device: str, timeout_s: float = 300.0
+    store: dist.Store, rank: int, world_size: int, device: str, timeout_s: float = 300.0
 ) -> dist.ProcessGroup:
-    """Join (rank 0: host) the group; gloo on ``cpu``, NCCL on ``cuda``."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    """Join the group through ``store`` (rank 0's from ``host_store``, the others' from
+    ``join_store``); gloo on ``cpu``, NCCL on ``cuda``."""
     prefixed = dist.PrefixStore("rlhf_ray_weight_sync", store)
     if device == "cuda":
         return dist.ProcessGroupNCCL(prefixed, rank, world_size)
-    return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    return dist.ProcessGroupGloo(prefixed, rank, world_size, datetime.timedelta(seconds=timeout_s))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from rlhf_ray.sync.buckets import TensorMeta, empty_bucket, unpack
-from rlhf_ray.sync.group import create_group
+from rlhf_ray.sync.group import create_group, join_store
 
 
 class WeightReceiver:
@@ -21,7 +21,8 @@ class WeightReceiver:
 
     def rlhf_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         device = "cuda" if torch.cuda.is_available() and self.device.type == "cuda" else "cpu"
-        self._rlhf_group = create_group(host, port, rank_offset + self.rank, world_size, device)
+        store = join_store(host, port, world_size)
+        self._rlhf_group = create_group(store, rank_offset + self.rank, world_size, device)
         self._rlhf_device = device
 
     def _rlhf_collective_stream(self, plan: list[list[TensorMeta]]) -> Iterator[tuple[str, torch.Tensor]]:

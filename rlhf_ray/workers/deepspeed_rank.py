@@ -21,7 +21,7 @@ import torch.distributed as dist
 from rlhf_ray.batch import Experience
 from rlhf_ray.config import LearnerConfig
 from rlhf_ray.faults import maybe_fail
-from rlhf_ray.sync.group import free_port, node_ip
+from rlhf_ray.sync.group import host_store, join_store, node_ip
 from rlhf_ray.workers.common import device_for, setup_process, torch_dtype
 
 LossFn = Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -98,9 +98,10 @@ class DeepSpeedRank:
         raise NotImplementedError
 
     def address(self) -> tuple[str, int]:
-        """Where this rank (rank 0) hosts the group's rendezvous."""
+        """Where this rank (rank 0) hosts the group's rendezvous: a store it holds open."""
         host = node_ip()
-        return host, free_port(host)
+        self._world_store = host_store(host, self.world_size)
+        return host, self._world_store.port
 
     def init(self, master_addr: str, master_port: int) -> None:
         import deepspeed
@@ -110,7 +111,10 @@ class DeepSpeedRank:
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
         )
-        deepspeed.init_distributed(dist_backend="nccl" if self.device_kind == "cuda" else "gloo")
+        backend = "nccl" if self.device_kind == "cuda" else "gloo"
+        store = self._world_store if self.rank == 0 else join_store(master_addr, master_port, self.world_size)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts the default group above
         self.device = device_for(self.device_kind)
         model = self.build_model().to(self.device)
         optimizer = GuardedAdamW(

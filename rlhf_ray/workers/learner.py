@@ -10,7 +10,7 @@ from rlhf_ray.batch import Experience
 from rlhf_ray.config import AlgoConfig
 from rlhf_ray.models import load_causal_lm
 from rlhf_ray.sync.buckets import TensorMeta, pack
-from rlhf_ray.sync.group import create_group
+from rlhf_ray.sync.group import create_group, host_store, node_ip
 from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
 from rlhf_ray.workers.forward import batched, response_logprobs
 
@@ -73,8 +73,14 @@ class PolicyWorker(DeepSpeedRank):
             for name, p in self.engine.module.named_parameters()
         ]
 
-    def init_weight_group(self, host: str, port: int, world_size: int) -> None:
-        self.sync_group = create_group(host, port, 0, world_size, self.device_kind)
+    def weight_group_address(self, world_size: int) -> tuple[str, int]:
+        """Host the weight-sync group's store (this rank is its rank 0); engines join it."""
+        host = node_ip()
+        self._sync_store = host_store(host, world_size)
+        return host, self._sync_store.port
+
+    def init_weight_group(self, world_size: int) -> None:
+        self.sync_group = create_group(self._sync_store, 0, world_size, self.device_kind)
 
     def send_weights(self, plan: list[list[TensorMeta]], use_object_store: bool) -> list:
         """Stream every bucket of ``plan``; returns object refs for the object-store backend."""

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from rlhf_ray.sync import TensorMeta, pack, plan_buckets, unpack
 from rlhf_ray.sync.buckets import empty_bucket
-from rlhf_ray.sync.group import create_group, free_port
+from rlhf_ray.sync.group import create_group, host_store, join_store
 
 
 def metas():
@@ -35,13 +35,15 @@ def test_pack_unpack_roundtrip():
 
 def test_private_group_broadcasts_without_default_group():
     bucket = plan_buckets(metas()[:3], 10**9)[0]
-    port, world = free_port(), 3
+    world = 3
+    master = host_store("127.0.0.1", world, timeout_s=60)
     default_before = dist.is_initialized() and dist.get_world_size()
     source = pack([torch.randn(m.shape) for m in bucket])
     received = {}
 
     def member(rank: int) -> None:
-        group = create_group("127.0.0.1", port, rank, world, "cpu", timeout_s=60)
+        store = master if rank == 0 else join_store("127.0.0.1", master.port, world, timeout_s=60)
+        group = create_group(store, rank, world, "cpu", timeout_s=60)
         buf = source.clone() if rank == 0 else empty_bucket(bucket)
         group.broadcast(buf, 0).wait()
         received[rank] = buf
