@@ -2,7 +2,7 @@
 against the size of the weights.
 
     python bench/step_breakdown.py                          # default PPO topology, 4 steps
-    python bench/step_breakdown.py --sizes 128,256,384      # sync time vs model size
+    python bench/step_breakdown.py --sizes 192,384,768      # sync time vs model size
     python bench/step_breakdown.py --steps 6 -- algo=grpo rollout.num_engines=1
 
 Prints numbers; asserts nothing. The first step (engine warm-up) is reported separately.
@@ -28,7 +28,8 @@ def bench_one(hidden: int, steps: int, overrides: list[str], cache: Path) -> dic
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_config([f"trainer.total_steps={steps}", f"trainer.output_dir={out}",
-                              f"model.cache_dir={cache}", f"model.tiny.hidden_size={hidden}", *overrides])
+                              f"model.cache_dir={cache}", f"model.tiny.hidden_size={hidden}",
+                              f"model.tiny.num_heads={max(1, hidden // 64)}", *overrides])
         run(cfg, Path(out))
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     warm = rows[1:] or rows
@@ -45,7 +46,8 @@ def bench_one(hidden: int, steps: int, overrides: list[str], cache: Path) -> dic
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--sizes", default="128", help="comma-separated model.tiny.hidden_size values")
+    p.add_argument("--sizes", default="192",
+                   help="comma-separated model.tiny.hidden_size values (head size 64)")
     p.add_argument("--cache", default=".cache/rlhf_ray")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     a = p.parse_args()

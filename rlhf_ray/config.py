@@ -41,12 +41,13 @@ class ConfigError(ValueError):
 class TinyModelConfig:
     """Shape of the built-in tiny Llama (used when ``model.policy_path`` is empty)."""
 
-    hidden_size: int = 128
-    """width of the residual stream"""
+    hidden_size: int = 192
+    """width of the residual stream (192 x 4 layers = 2.4M parameters)"""
     num_layers: int = 4
     """number of decoder layers"""
-    num_heads: int = 4
-    """attention heads per layer"""
+    num_heads: int = 3
+    """attention heads per layer (head size hidden_size / num_heads; vLLM's CPU attention takes
+    32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512)"""
     max_position_embeddings: int = 64
     """longest sequence (prompt + response) the model supports"""
 

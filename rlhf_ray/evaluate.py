@@ -29,7 +29,7 @@ from rlhf_ray.batch import RolloutSample, pad_samples
 from rlhf_ray.config import ConfigError, EvalConfig, RewardConfig, eval_config_errors, register_configs
 from rlhf_ray.groups import RolloutGroup
 from rlhf_ray.placement import RolePlan
-from rlhf_ray.sft import ensure_ray, output_dir, task_file, worker_env, write_json
+from rlhf_ray.stage import ensure_ray, output_dir, task_file, worker_env, write_json
 from rlhf_ray.workers.rollout import RolloutWorker
 
 log = logging.getLogger("rlhf_ray.evaluate")

@@ -126,13 +126,14 @@ def run(cfg: PipelineConfig, out: Path) -> dict:
     """All four stages; returns (and writes to ``out/summary.json``) what each produced."""
     from rlhf_ray import evaluate, reward_model, sft, train
     from rlhf_ray.evaluate import print_table
+    from rlhf_ray.stage import ensure_ray
 
     stages = validate_stages(stage_configs(cfg, out))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(redacted(asdict(cfg)), indent=2) + "\n")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    started = sft.ensure_ray(cfg.cluster, cpus_needed(stages))
+    started = ensure_ray(cfg.cluster, cpus_needed(stages))
     try:
         banner(1, "SFT on demonstrations")
         t = time.perf_counter()
@@ -186,7 +187,7 @@ def print_report(summary: dict, report: dict, out: Path) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
 def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from rlhf_ray.sft import output_dir
+    from rlhf_ray.stage import output_dir
 
     cfg: PipelineConfig = OmegaConf.to_object(dcfg)
     run(cfg, output_dir(cfg.output_dir))

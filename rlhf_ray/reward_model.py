@@ -12,31 +12,13 @@ sequence-classification directory (safetensors + tokenizer) at ``<output_dir>/mo
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
-import ray
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_ray.config import (
-    RewardModelConfig,
-    redacted,
-    register_configs,
-)
-from rlhf_ray.sft import (
-    base_model_path,
-    ensure_ray,
-    fit_supervised,
-    output_dir,
-    save_tokenizer,
-    start_group,
-    steps_per_epoch,
-    task_file,
-    validate_supervised,
-    write_json,
-)
+from rlhf_ray.config import RewardModelConfig, register_configs
+from rlhf_ray.stage import output_dir, task_file, train_supervised, validate_supervised
 
 log = logging.getLogger("rlhf_ray.reward_model")
 register_configs()
@@ -68,38 +50,12 @@ def summarize(s: dict[str, float]) -> dict[str, float]:
 
 def run(cfg: RewardModelConfig, run_dir: Path) -> dict:
     """Train and save; returns the summary (also written to ``run_dir/summary.json``)."""
-    from rlhf_ray.models import load_tokenizer
     from rlhf_ray.workers.supervised import RewardModelWorker
 
-    validate_supervised(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", redacted(asdict(cfg)))
-    base = base_model_path(cfg.model, cfg.seed)
-    tokenizer = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
-    train, held_out = load_rankings(cfg, tokenizer)
-    started = ensure_ray(cfg.cluster, cfg.learner.num_ranks * cfg.cluster.cpus_per_worker)
-    start = time.perf_counter()
-    group = start_group("reward_model", RewardModelWorker, cfg.learner, cfg.cluster, base, dtype=cfg.model.dtype,
-                        seed=cfg.seed, total_optimizer_steps=cfg.epochs * steps_per_epoch(len(train), cfg.learner),
-                        trust_remote_code=cfg.model.trust_remote_code)
-    try:
-        initial = summarize(group.evaluate(held_out))
-        evaluations = fit_supervised(group, train, held_out, epochs=cfg.epochs, steps_per_call=cfg.steps_per_call,
-                                     learner=cfg.learner, seed=cfg.seed, run_dir=run_dir, desc="reward model",
-                                     summarize=summarize)
-        model_dir = run_dir / "model"
-        group.save_hf(str(model_dir))
-        save_tokenizer(base, model_dir, cfg.model.trust_remote_code)
-    finally:
-        group.shutdown()
-        if started:
-            ray.shutdown()
-    summary = {"model": str(model_dir), "base_model": base, "train_rows": len(train), "eval_rows": len(held_out),
-               "completions_per_row": int(train.input_ids.shape[1]), "eval/accuracy_before": initial["eval/accuracy"],
-               "seconds": time.perf_counter() - start, **evaluations[-1]}
-    write_json(run_dir / "summary.json", summary)
-    log.info("reward model saved to %s (held-out pairwise accuracy %.3f, chance 0.5)", model_dir,
-             summary["eval/accuracy"])
+    summary = train_supervised(cfg, run_dir, role="reward_model", worker_cls=RewardModelWorker, load=load_rankings,
+                               summarize=summarize, desc="reward model")
+    log.info("reward model saved to %s (held-out pairwise accuracy %.3f -> %.3f, chance 0.5)", summary["model"],
+             summary["eval/accuracy_before"], summary["eval/accuracy"])
     return summary
 
 

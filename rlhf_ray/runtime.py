@@ -38,7 +38,7 @@ def resolve_assets(cfg: Config) -> Assets:
     if not policy:
         t = cfg.model.tiny
         policy = str(ensure_tiny_llama(
-            cache / f"tiny-llama-h{t.hidden_size}-l{t.num_layers}-s{cfg.seed}", hidden_size=t.hidden_size,
+            cache / f"tiny-llama-h{t.hidden_size}-l{t.num_layers}-a{t.num_heads}-p{t.max_position_embeddings}-s{cfg.seed}", hidden_size=t.hidden_size,
             num_layers=t.num_layers, num_heads=t.num_heads, max_position_embeddings=t.max_position_embeddings,
             seed=cfg.seed,
         ))

@@ -29,9 +29,9 @@ def tiny_llama_config(
     pad_token_id: int,
     bos_token_id: int,
     eos_token_id: int,
-    hidden_size: int = 128,
+    hidden_size: int = 192,
     num_layers: int = 4,
-    num_heads: int = 4,
+    num_heads: int = 3,
     intermediate_size: int | None = None,
     max_position_embeddings: int = 128,
 ) -> LlamaConfig:
@@ -60,9 +60,9 @@ def tiny_llama_config(
 def build_tiny_llama(
     out_dir: str | os.PathLike[str],
     *,
-    hidden_size: int = 128,
+    hidden_size: int = 192,
     num_layers: int = 4,
-    num_heads: int = 4,
+    num_heads: int = 3,
     intermediate_size: int | None = None,
     max_position_embeddings: int = 128,
     seed: int = 0,

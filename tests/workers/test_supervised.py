@@ -74,7 +74,7 @@ def test_workers_build_without_ray(tiny):
 
 def _group(role, worker_cls, tiny, stage, steps):
     from rlhf_ray.config import ClusterConfig
-    from rlhf_ray.sft import start_group
+    from rlhf_ray.stage import start_group
 
     cfg = LearnerConfig(num_ranks=2, zero_stage=stage, micro_batch_size=2, lr=1e-2, warmup_steps=0)
     cluster = ClusterConfig(cpus_per_worker=0.5, namespace="rlhf_ray_tests", call_timeout_s=300)
