@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,16 +23,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.e2e.local_net import free_port, scrape
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HeadNode:
@@ -183,11 +178,3 @@ def test_job_submit_joins_cluster_and_streams_logs(head, tmp_path):
     assert (out / "final" / "config.json").exists()
     assert any((out / "tensorboard").iterdir())
     assert seen.is_set(), "the driver's ray_rlhf_* gauges never reached the head's metrics endpoint"
-
-
-def scrape(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
-            return r.read().decode()
-    except OSError:
-        return ""

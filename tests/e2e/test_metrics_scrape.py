@@ -13,14 +13,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.local_net import free_port, scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -48,20 +48,6 @@ sys.stdin.read()  # keep the driver (the gauges' emitter) alive until the test h
 logger.close()
 ray.shutdown()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
-            return r.read().decode()
-    except OSError:
-        return ""
 
 
 def rlhf_samples(text: str) -> list[tuple[str, dict[str, str], float]]:

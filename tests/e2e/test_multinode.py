@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.local_net import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -39,12 +40,6 @@ OVERRIDES = [
     "trainer.prompts_per_step=4", "algo.epochs=1", "rollout.max_new_tokens=6", "sync.check_samples=2",
     "cluster.node_resources=true",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def simulate(out: Path, cache_dir: str) -> None:

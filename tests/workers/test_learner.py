@@ -40,19 +40,27 @@ def test_workers_build_without_ray(tiny):
     assert "rank 0/1" in repr(w) and w.engine is None and c.role == "critic"
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (2, True)])
-def test_two_zero_ranks_train_in_lockstep(ray_cluster, tiny, stage, offload):
-    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, offload=offload, micro_batch_size=2, lr=1e-2)
+def two_policy_ranks(cfg: LearnerConfig, tiny: str, **worker_kwargs) -> PolicyGroup:
+    """Two PolicyWorker ranks (one epoch, one minibatch) with their DeepSpeed world wired."""
     algo = AlgoConfig(epochs=1, minibatches=1)
-    plan = RolePlan("policy", 2, 1.0, 0, "PACK")
-    group = PolicyGroup(plan, PolicyWorker, lambda i, name: dict(
-        name=name, rank=i, world_size=2, cfg=cfg, model_path=tiny, algo=algo, gradient_accumulation_steps=2,
-        total_optimizer_steps=4,
+    group = PolicyGroup(RolePlan("policy", 2, 1.0, 0, "PACK"), PolicyWorker, lambda i, name: dict(
+        name=name, rank=i, world_size=2, cfg=cfg, model_path=tiny, algo=algo, **worker_kwargs,
     ), namespace="rlhf_ray_tests", timeout_s=300, env={"DS_ACCELERATOR": "cpu"})
     try:
         group.ready()
         group.init_world()
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (2, True)])
+def test_two_zero_ranks_train_in_lockstep(ray_cluster, tiny, stage, offload):
+    cfg = LearnerConfig(num_ranks=2, zero_stage=stage, offload=offload, micro_batch_size=2, lr=1e-2)
+    group = two_policy_ranks(cfg, tiny, gradient_accumulation_steps=2, total_optimizer_steps=4)
+    try:
         exp = experience()
         exp.old_logprobs = group.compute_logprobs(exp)
         before = group.checksum()
@@ -73,13 +81,8 @@ def test_two_zero_ranks_train_in_lockstep(ray_cluster, tiny, stage, offload):
 @pytest.mark.e2e
 def test_nonfinite_gradient_skips_the_step_on_every_rank(ray_cluster, tiny):
     cfg = LearnerConfig(num_ranks=2, zero_stage=2, micro_batch_size=4, lr=1e-2)
-    algo = AlgoConfig(epochs=1, minibatches=1)
-    group = PolicyGroup(RolePlan("policy", 2, 1.0, 0, "PACK"), PolicyWorker, lambda i, name: dict(
-        name=name, rank=i, world_size=2, cfg=cfg, model_path=tiny, algo=algo, gradient_accumulation_steps=1,
-    ), namespace="rlhf_ray_tests", timeout_s=300, env={"DS_ACCELERATOR": "cpu"})
+    group = two_policy_ranks(cfg, tiny, gradient_accumulation_steps=1)
     try:
-        group.ready()
-        group.init_world()
         exp = experience()
         exp.old_logprobs = group.compute_logprobs(exp)
         exp.advantages[6, 0] = float("nan")  # only rank 1's shard (rows 4..7) is poisoned
