@@ -39,7 +39,7 @@ def bench_one(hidden: int, steps: int, overrides: list[str], cache: Path) -> dic
         **{p: mean(f"timing/{p}") for p in PHASES},
         "tokens_per_s": mean("rollout/tokens_per_s"),
         "sync_s": mean("sync/seconds"), "weight_mb": rows[0]["sync/bytes"] / 2**20,
-        "buckets": rows[0]["sync/buckets"], "logprob_diff": max(r["rollout/logprob_diff"] for r in rows),
+        "buckets": rows[0]["sync/buckets"], "logprob_diff": max(r["sync/check_logprob_diff"] for r in rows),
     }
 
 

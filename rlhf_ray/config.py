@@ -1,7 +1,8 @@
 """Structured, validated configuration.
 
-Owns every default of the project: the dataclasses below are registered in Hydra's
-ConfigStore, and the YAML under ``conf/`` only selects and overrides them. ``validate``
+Owns every default of RL training (``python -m rlhf_ray.train``) and the sections the offline
+stages share with it (model, learner, rollout, reward, cluster; the stages' own schemas are in
+``stage_config.py``): the dataclasses below are registered in Hydra's ConfigStore, and the YAML under ``conf/`` only selects and overrides them. ``validate``
 checks the whole tree before any worker starts and reports every problem at once,
 each with its dotted key. Each component is handed only its own sub-config.
 """
@@ -293,7 +294,7 @@ class Config:
     """print the resource plan, check it against the cluster, start no workers"""
 
 
-def _check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches: int) -> list[str]:
+def check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches: int) -> list[str]:
     errors = []
     if c.num_ranks < 1:
         errors.append(f"{key}.num_ranks: must be >= 1, got {c.num_ranks}")
@@ -326,18 +327,29 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def config_errors(cfg: Config) -> list[str]:
-    """Every problem of ``cfg``, one ``dotted.key: message`` each (empty when valid)."""
-    e: list[str] = []
-    a, r, rw = cfg.algo, cfg.rollout, cfg.reward
-    e += _one_of("algo.name", a.name, ALGORITHMS)
+    """Every problem of ``cfg``, one ``dotted.key: message`` each (empty when valid): each
+    section's own checks, then the checks that relate sections."""
+    e = (_algo_errors(cfg.algo) + _rollout_errors(cfg.rollout) + _reward_errors(cfg.reward)
+         + _trainer_errors(cfg.trainer) + _misc_errors(cfg))
+    a, r = cfg.algo, cfg.rollout
+    if a.name in GROUP_ALGORITHMS and r.n_samples_per_prompt < 2:
+        e.append(f"rollout.n_samples_per_prompt: {a.name} needs >= 2 samples per prompt")
+    if cfg.data.max_prompt_len + r.max_new_tokens > cfg.model.tiny.max_position_embeddings and not cfg.model.policy_path:
+        e.append(
+            "rollout.max_new_tokens: data.max_prompt_len + rollout.max_new_tokens exceeds "
+            f"model.tiny.max_position_embeddings={cfg.model.tiny.max_position_embeddings}"
+        )
+    sequences = cfg.trainer.prompts_per_step * r.n_samples_per_prompt
+    e += check_learner("policy", cfg.policy, sequences, a.minibatches)
+    if a.needs_critic:
+        e += check_learner("critic", cfg.critic, sequences, a.minibatches)
+    return e
+
+
+def _algo_errors(a: AlgoConfig) -> list[str]:
+    e = _one_of("algo.name", a.name, ALGORITHMS)
     e += _one_of("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
     e += _one_of("algo.loss_agg", a.loss_agg, AGG_MODES)
-    e += _one_of("reward.kind", rw.kind, REWARD_KINDS)
-    e += _one_of("reward.nan_policy", rw.nan_policy, NAN_REWARD_POLICIES)
-    e += _one_of("sync.backend", cfg.sync.backend, SYNC_BACKENDS)
-    e += _one_of("cluster.device", cfg.cluster.device, DEVICES)
-    e += _one_of("data.overlong_prompt", cfg.data.overlong_prompt, OVERLONG_POLICIES)
-    e += _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     if not 0.0 <= a.gamma <= 1.0:
         e.append(f"algo.gamma: must be in [0, 1], got {a.gamma}")
     if not 0.0 <= a.lam <= 1.0:
@@ -348,8 +360,11 @@ def config_errors(cfg: Config) -> list[str]:
         e.append(f"algo.kl_coef: must be >= 0, got {a.kl_coef}")
     if a.epochs < 1 or a.minibatches < 1:
         e.append(f"algo.epochs/algo.minibatches: must be >= 1, got {a.epochs}/{a.minibatches}")
-    if a.name in GROUP_ALGORITHMS and r.n_samples_per_prompt < 2:
-        e.append(f"rollout.n_samples_per_prompt: {a.name} needs >= 2 samples per prompt")
+    return e
+
+
+def _rollout_errors(r: RolloutConfig) -> list[str]:
+    e = []
     if r.temperature <= 0:
         e.append(f"rollout.temperature: must be > 0, got {r.temperature}")
     if not 0 < r.top_p <= 1:
@@ -357,23 +372,12 @@ def config_errors(cfg: Config) -> list[str]:
     for key in ("num_engines", "tensor_parallel_size", "n_samples_per_prompt", "max_new_tokens"):
         if getattr(r, key) < 1:
             e.append(f"rollout.{key}: must be >= 1, got {getattr(r, key)}")
-    if cfg.trainer.prompts_per_step < 1:
-        e.append(f"trainer.prompts_per_step: must be >= 1, got {cfg.trainer.prompts_per_step}")
-    if cfg.trainer.resume not in ("auto", "never") and not cfg.trainer.resume.strip():
-        e.append("trainer.resume: 'auto', 'never' or a checkpoint path")
-    if cfg.trainer.keep_checkpoints < 1:
-        e.append(f"trainer.keep_checkpoints: must be >= 1, got {cfg.trainer.keep_checkpoints}")
-    if cfg.trainer.save_every < 0:
-        e.append(f"trainer.save_every: must be >= 0, got {cfg.trainer.save_every}")
-    if cfg.trainer.total_steps < 0:
-        e.append(f"trainer.total_steps: must be >= 0, got {cfg.trainer.total_steps}")
-    if cfg.data.max_prompt_len < 1:
-        e.append(f"data.max_prompt_len: must be >= 1, got {cfg.data.max_prompt_len}")
-    if cfg.data.max_prompt_len + r.max_new_tokens > cfg.model.tiny.max_position_embeddings and not cfg.model.policy_path:
-        e.append(
-            "rollout.max_new_tokens: data.max_prompt_len + rollout.max_new_tokens exceeds "
-            f"model.tiny.max_position_embeddings={cfg.model.tiny.max_position_embeddings}"
-        )
+    return e
+
+
+def _reward_errors(rw: RewardConfig) -> list[str]:
+    e = _one_of("reward.kind", rw.kind, REWARD_KINDS)
+    e += _one_of("reward.nan_policy", rw.nan_policy, NAN_REWARD_POLICIES)
     if rw.kind == "model" and not rw.model_path:
         e.append("reward.model_path: required when reward.kind=model")
     if rw.kind == "function" and ":" not in rw.function:
@@ -382,16 +386,38 @@ def config_errors(cfg: Config) -> list[str]:
         e += _http_errors(rw)
     if rw.num_workers < 1:
         e.append(f"reward.num_workers: must be >= 1, got {rw.num_workers}")
+    return e
+
+
+def _trainer_errors(t: TrainerConfig) -> list[str]:
+    e = []
+    if t.prompts_per_step < 1:
+        e.append(f"trainer.prompts_per_step: must be >= 1, got {t.prompts_per_step}")
+    if t.resume not in ("auto", "never") and not t.resume.strip():
+        e.append("trainer.resume: 'auto', 'never' or a checkpoint path")
+    if t.keep_checkpoints < 1:
+        e.append(f"trainer.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
+    if t.save_every < 0:
+        e.append(f"trainer.save_every: must be >= 0, got {t.save_every}")
+    if t.total_steps < 0:
+        e.append(f"trainer.total_steps: must be >= 0, got {t.total_steps}")
+    if t.wandb and importlib.util.find_spec("wandb") is None:
+        e.append("trainer.wandb: true but wandb is not installed (pip install wandb)")
+    return e
+
+
+def _misc_errors(cfg: Config) -> list[str]:
+    """Sections with one or two checks each: sync, cluster, data, model."""
+    e = _one_of("sync.backend", cfg.sync.backend, SYNC_BACKENDS)
+    e += _one_of("cluster.device", cfg.cluster.device, DEVICES)
+    e += _one_of("data.overlong_prompt", cfg.data.overlong_prompt, OVERLONG_POLICIES)
+    e += _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    if cfg.data.max_prompt_len < 1:
+        e.append(f"data.max_prompt_len: must be >= 1, got {cfg.data.max_prompt_len}")
     if cfg.sync.bucket_mb <= 0:
         e.append(f"sync.bucket_mb: must be > 0, got {cfg.sync.bucket_mb}")
-    sequences = cfg.trainer.prompts_per_step * r.n_samples_per_prompt
-    e += _check_learner("policy", cfg.policy, sequences, a.minibatches)
-    if a.needs_critic:
-        e += _check_learner("critic", cfg.critic, sequences, a.minibatches)
     if cfg.cluster.cpus_per_worker <= 0:
         e.append(f"cluster.cpus_per_worker: must be > 0, got {cfg.cluster.cpus_per_worker}")
-    if cfg.trainer.wandb and importlib.util.find_spec("wandb") is None:
-        e.append("trainer.wandb: true but wandb is not installed (pip install wandb)")
     return e
 
 
@@ -437,191 +463,5 @@ def config_hash(cfg: Config) -> str:
 
 
 def register_configs() -> None:
+    """The RL schema (conf/config.yaml); ``stage_config.register_configs`` adds the offline stages'."""
     ConfigStore.instance().store(name="base_config", node=Config)
-    register_stage_configs()
-
-
-# --------------------------------------------------------------------------- InstructGPT stages
-# SFT -> reward model -> PPO -> evaluation (``python -m rlhf_ray.pipeline``). Each stage also has
-# its own entry point; the PPO stage is the ``Config`` above.
-
-
-@dataclass
-class SupervisedDataConfig:
-    """Files of a supervised stage: SFT demonstrations or ranked comparisons."""
-
-    train_file: str = ""
-    """JSONL/parquet training rows; empty = the built-in task's (sft_train / comparisons_train)"""
-    eval_file: str = ""
-    """held-out rows; empty = the built-in task's (sft_eval / comparisons_eval)"""
-    max_train_rows: int = 0
-    """use only the first N training rows (0 = all)"""
-    max_eval_rows: int = 0
-    """use only the first N held-out rows (0 = all)"""
-    max_len: int = 64
-    """longest tokenized row (prompt + response + EOS); a longer row is an error naming it"""
-    seed: int = 0
-    """seed of the built-in task's data"""
-
-
-def _sft_learner() -> LearnerConfig:
-    return LearnerConfig(lr=1e-3, micro_batch_size=16, warmup_steps=20, lr_schedule="cosine")
-
-
-def _reward_model_learner() -> LearnerConfig:
-    return LearnerConfig(lr=3e-4, micro_batch_size=8, warmup_steps=20, lr_schedule="cosine")
-
-
-@dataclass
-class SFTConfig:
-    """``python -m rlhf_ray.sft``: supervised fine-tuning of a causal LM on demonstrations."""
-
-    seed: int = 0
-    """seed of the workers and of the data order"""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """model.policy_path = the base model (empty = build the tiny built-in Llama)"""
-    data: SupervisedDataConfig = field(default_factory=SupervisedDataConfig)
-    """demonstration files ({prompt, response} rows)"""
-    prompt_key: str = "prompt"
-    """column holding the prompt"""
-    response_key: str = "response"
-    """column holding the demonstrated response (EOS is appended as a token)"""
-    epochs: int = 10
-    """passes over the training rows (held-out loss after each)"""
-    steps_per_call: int = 25
-    """optimizer steps per call to the learner group (granularity of progress and metrics)"""
-    learner: LearnerConfig = field(default_factory=_sft_learner)
-    """DeepSpeed ranks, ZeRO stage, optimizer; micro_batch_size = rows per rank per step"""
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    """Ray cluster and worker resources"""
-    output_dir: str = ""
-    """run directory (the model goes to <output_dir>/model); empty = Hydra's run directory"""
-
-
-@dataclass
-class RewardModelConfig:
-    """``python -m rlhf_ray.reward_model``: a reward model trained on ranked comparisons."""
-
-    seed: int = 0
-    """seed of the workers and of the data order"""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """model.policy_path = the causal LM the reward model starts from (empty = the tiny built-in)"""
-    data: SupervisedDataConfig = field(default_factory=SupervisedDataConfig)
-    """comparison files ({prompt, completions best -> worst} or {prompt, chosen, rejected} rows)"""
-    epochs: int = 3
-    """passes over the training rows (held-out pairwise accuracy after each)"""
-    steps_per_call: int = 25
-    """optimizer steps per call to the learner group (granularity of progress and metrics)"""
-    learner: LearnerConfig = field(default_factory=_reward_model_learner)
-    """DeepSpeed ranks, ZeRO stage, optimizer; micro_batch_size = comparison rows per rank per step"""
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    """Ray cluster and worker resources"""
-    output_dir: str = ""
-    """run directory (the model goes to <output_dir>/model); empty = Hydra's run directory"""
-
-
-def _eval_rollout() -> RolloutConfig:
-    return RolloutConfig(num_engines=1)
-
-
-@dataclass
-class EvalConfig:
-    """``python -m rlhf_ray.evaluate``: policies compared on held-out prompts, training curves plotted."""
-
-    seed: int = 0
-    """seed of sampling"""
-    policies: list[str] = field(default_factory=list)
-    """HF directories of the policies to compare (e.g. the SFT model and PPO's final)"""
-    names: list[str] = field(default_factory=list)
-    """a display name per policy; empty = the directory names"""
-    reference_path: str = ""
-    """policy the KL is measured to; empty = the first policy"""
-    reward_model_path: str = ""
-    """reward model scoring the completions as well; empty = gold score only"""
-    gold_function: str = "rlhf_ray.data.task:gold_reward"
-    """gold labeler 'module:callable(prompts, completions) -> list[float]'"""
-    prompts_file: str = ""
-    """held-out prompts ({prompt} rows); empty = the built-in task's prompts_eval"""
-    prompt_key: str = "prompt"
-    """column holding the prompt"""
-    max_prompts: int = 0
-    """use only the first N prompts (0 = all)"""
-    max_prompt_len: int = 24
-    """longest prompt in tokens (longer ones keep their end)"""
-    data_seed: int = 0
-    """seed of the built-in task's data"""
-    cache_dir: str = ".cache/rlhf_ray"
-    """where the built-in data is built"""
-    rollout: RolloutConfig = field(default_factory=_eval_rollout)
-    """sampling as in training: temperature, top_p, max_new_tokens, n_samples_per_prompt"""
-    dtype: str = "float32"
-    """weights dtype"""
-    metrics_file: str = ""
-    """a run's metrics.jsonl whose curves (proxy reward, gold, KL) are plotted; empty = no plot"""
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    """Ray cluster and worker resources"""
-    output_dir: str = ""
-    """where eval.json and curves.png go; empty = Hydra's run directory"""
-
-
-@dataclass
-class PipelineConfig:
-    """``python -m rlhf_ray.pipeline``: tiny model -> SFT -> reward model -> PPO -> evaluation."""
-
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    """the one Ray cluster of every stage (replaces each stage's own cluster settings)"""
-    output_dir: str = ""
-    """run directory holding sft/, reward_model/, ppo/, eval/; empty = Hydra's run directory"""
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    """stage 1; its model.policy_path is the base model"""
-    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
-    """stage 2; starts from the SFT model unless reward_model.model.policy_path is set"""
-    ppo: Config = field(default_factory=Config)
-    """stage 3; policy = reference = the SFT model, reward = the trained reward model"""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """stage 4; compares the SFT and PPO policies, sampled at ppo.rollout's temperature and greedy"""
-
-
-def supervised_config_errors(key: str, epochs: int, steps_per_call: int, learner: LearnerConfig,
-                             data: SupervisedDataConfig) -> list[str]:
-    """Problems of an SFT / reward-model config, one ``dotted.key: message`` each (``key`` = its prefix)."""
-    key = f"{key}." if key else ""
-    e = _check_learner(f"{key}learner", learner, learner.num_ranks * learner.micro_batch_size, 1)
-    if epochs < 1:
-        e.append(f"{key}epochs: must be >= 1, got {epochs}")
-    if steps_per_call < 1:
-        e.append(f"{key}steps_per_call: must be >= 1, got {steps_per_call}")
-    if data.max_len < 2:
-        e.append(f"{key}data.max_len: must be >= 2, got {data.max_len}")
-    for name in ("max_train_rows", "max_eval_rows"):
-        if getattr(data, name) < 0:
-            e.append(f"{key}data.{name}: must be >= 0, got {getattr(data, name)}")
-    return e
-
-
-def eval_config_errors(key: str, c: EvalConfig, need_policies: bool = True) -> list[str]:
-    """Problems of an evaluation config, one ``dotted.key: message`` each (``key`` = its prefix)."""
-    key = f"{key}." if key else ""
-    e = []
-    if need_policies and not c.policies:
-        e.append(f"{key}policies: give at least one policy directory, e.g. '{key}policies=[DIR]'")
-    if c.names and len(c.names) != len(c.policies):
-        e.append(f"{key}names: {len(c.names)} names for {len(c.policies)} policies")
-    if len(set(c.names)) != len(c.names):
-        e.append(f"{key}names: names must be distinct, got {c.names}")
-    if c.rollout.temperature <= 0:
-        e.append(f"{key}rollout.temperature: must be > 0 (greedy decoding is always reported too)")
-    if c.rollout.n_samples_per_prompt < 1 or c.rollout.max_new_tokens < 1:
-        e.append(f"{key}rollout: n_samples_per_prompt and max_new_tokens must be >= 1")
-    if c.gold_function and ":" not in c.gold_function:
-        e.append(f"{key}gold_function: expected 'module:callable', got {c.gold_function!r}")
-    return e
-
-
-def register_stage_configs() -> None:
-    """The InstructGPT stages' schemas (conf/sft.yaml, reward_model.yaml, evaluate.yaml, pipeline.yaml)."""
-    cs = ConfigStore.instance()
-    cs.store(name="sft_config", node=SFTConfig)
-    cs.store(name="reward_model_config", node=RewardModelConfig)
-    cs.store(name="eval_config", node=EvalConfig)
-    cs.store(name="pipeline_config", node=PipelineConfig)

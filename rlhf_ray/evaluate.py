@@ -26,10 +26,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_ray.batch import RolloutSample, pad_samples
-from rlhf_ray.config import ConfigError, EvalConfig, RewardConfig, eval_config_errors, register_configs
+from rlhf_ray.config import ConfigError, RewardConfig
 from rlhf_ray.groups import RolloutGroup
 from rlhf_ray.placement import RolePlan
 from rlhf_ray.stage import ensure_ray, output_dir, task_file, worker_env, write_json
+from rlhf_ray.stage_config import EvalConfig, eval_config_errors, register_configs
 from rlhf_ray.workers.rollout import RolloutWorker
 
 log = logging.getLogger("rlhf_ray.evaluate")

@@ -25,16 +25,13 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_ray.config import (
-    Config,
-    ConfigError,
+from rlhf_ray.config import Config, ConfigError, config_errors, redacted
+from rlhf_ray.stage_config import (
     EvalConfig,
     PipelineConfig,
     RewardModelConfig,
     SFTConfig,
-    config_errors,
     eval_config_errors,
-    redacted,
     register_configs,
     supervised_config_errors,
 )

@@ -17,8 +17,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_ray.config import RewardModelConfig, register_configs
 from rlhf_ray.stage import output_dir, task_file, train_supervised, validate_supervised
+from rlhf_ray.stage_config import RewardModelConfig, register_configs
 
 log = logging.getLogger("rlhf_ray.reward_model")
 register_configs()

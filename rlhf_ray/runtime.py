@@ -146,7 +146,7 @@ def worker_env(cfg: Config) -> dict[str, str]:
 def build_groups(cfg: Config, assets: Assets) -> Groups:
     """Spawn every role's workers (constructors run in parallel), then wire the DeepSpeed worlds."""
     from rlhf_ray.workers.critic import CriticWorker
-    from rlhf_ray.workers.learner import PolicyWorker
+    from rlhf_ray.workers.policy import PolicyWorker
     from rlhf_ray.workers.reference import ReferenceWorker
     from rlhf_ray.workers.reward import RewardWorker
     from rlhf_ray.workers.rollout import RolloutWorker

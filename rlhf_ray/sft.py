@@ -16,8 +16,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_ray.config import SFTConfig, register_configs
 from rlhf_ray.stage import output_dir, task_file, train_supervised, validate_supervised
+from rlhf_ray.stage_config import SFTConfig, register_configs
 
 log = logging.getLogger("rlhf_ray.sft")
 register_configs()

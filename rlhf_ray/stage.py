@@ -20,17 +20,10 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_ray.config import (
-    ClusterConfig,
-    Config,
-    ConfigError,
-    LearnerConfig,
-    ModelConfig,
-    redacted,
-    supervised_config_errors,
-)
+from rlhf_ray.config import ClusterConfig, Config, ConfigError, LearnerConfig, ModelConfig, redacted
 from rlhf_ray.groups import DeepSpeedGroup
 from rlhf_ray.placement import RolePlan
+from rlhf_ray.stage_config import supervised_config_errors
 
 
 class SupervisedGroup(DeepSpeedGroup):

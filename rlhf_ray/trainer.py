@@ -129,7 +129,7 @@ class Trainer:
         with timed(t, "sync"):
             m.update(self.sync.push(self.weight_version + 1))
             self.weight_version += 1
-            m["rollout/logprob_diff"] = self.sync.spot_check(samples[: c.sync.check_samples])
+            m["sync/check_logprob_diff"] = self.sync.spot_check(samples[: c.sync.check_samples])
         # 7. metrics
         self.step_index += 1
         tokens = float(exp.response_mask.sum())
@@ -137,7 +137,7 @@ class Trainer:
         m.update({
             "rollout/samples": float(len(samples)), "rollout/tokens": tokens,
             "rollout/tokens_per_s": tokens / max(t["timing/rollout"], 1e-9),
-            "rollout/rollout_logprob_diff": self._rollout_vs_learner(exp),
+            "rollout/behavior_logprob_diff": self._rollout_vs_learner(exp),
             "timing/step": time.perf_counter() - start,
         })
         return m

@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from rlhf_ray.config import EvalConfig
 from rlhf_ray.evaluate import (
     format_table,
     mean_se,
@@ -18,6 +17,7 @@ from rlhf_ray.evaluate import (
     score_texts,
     table_rows,
 )
+from rlhf_ray.stage_config import EvalConfig
 
 
 def test_mean_and_standard_error():

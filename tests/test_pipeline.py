@@ -9,8 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlhf_ray.config import ConfigError, PipelineConfig
+from rlhf_ray.config import ConfigError
 from rlhf_ray.pipeline import cpus_needed, stage_configs, validate_stages
+from rlhf_ray.stage_config import PipelineConfig
 
 CONF = str(Path(__file__).parents[1] / "conf")
 

@@ -82,5 +82,5 @@ class WeightSync:
                      for j, e in enumerate(lps[-len(s.response_ids):])]
             worst = max(worst, sum(diffs) / max(len(diffs), 1))
         if worst > self.cfg.logprob_check_tol:
-            log.warning("rollout/logprob_diff %.2e after sync exceeds %.1e", worst, self.cfg.logprob_check_tol)
+            log.warning("sync/check_logprob_diff %.2e after sync exceeds %.1e", worst, self.cfg.logprob_check_tol)
         return worst

@@ -93,7 +93,7 @@ def test_killed_rollout_and_reward_workers(ray_cluster, tmp_path, cache_dir, mon
     assert summary["engine_versions"] == {"rollout-0": 3, "rollout-1": 3}
     for r in rows(out):
         assert r["rollout/samples"] == 8 * 4  # prompts x samples: none lost, none duplicated
-        assert r["rollout/logprob_diff"] < 1e-4
+        assert r["sync/check_logprob_diff"] < 1e-4
 
 
 def test_dead_learner_rank_restarts_from_checkpoint(ray_cluster, tmp_path, cache_dir, monkeypatch, caplog):

@@ -16,7 +16,7 @@ from tests.conftest import compose
 pytestmark = pytest.mark.e2e
 
 REQUIRED = ["reward/mean", "kl/mean", "policy/loss", "policy/clipfrac", "policy/approx_kl",
-            "rollout/weight_version", "rollout/logprob_diff", "rollout/tokens_per_s", "timing/step",
+            "rollout/weight_version", "sync/check_logprob_diff", "rollout/tokens_per_s", "timing/step",
             "timing/rollout", "timing/reward", "timing/experience", "timing/advantages", "timing/update",
             "timing/sync"]
 
@@ -43,7 +43,7 @@ def test_ppo_default_topology(ray_cluster, tmp_path, cache_dir):
         missing = [k for k in REQUIRED + ["critic/loss"] if r.get(k) is None]
         assert not missing, missing
         # fp32 weights on both sides: vLLM and the learner agree on the new weights
-        assert r["rollout/logprob_diff"] < 1e-4
+        assert r["sync/check_logprob_diff"] < 1e-4
     assert [r["rollout/weight_version"] for r in rows] == [1, 2, 3]
     assert summary["engine_versions"] == {"rollout-0": 3, "rollout-1": 3}
     assert (tmp_path / "summary.json").exists() and (tmp_path / "tensorboard").is_dir()
@@ -62,7 +62,7 @@ def test_zero3_grpo_two_ranks(ray_cluster, tmp_path, cache_dir):
     ])
     assert len(rows) == 2 and summary["engine_versions"] == {"rollout-0": 2}
     assert rows[-1]["sync/buckets"] > 1
-    assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows)
+    assert all(r["sync/check_logprob_diff"] < 1e-4 for r in rows)
     assert "critic/loss" not in rows[-1] and rows[-1]["policy/kl_loss"] is not None
 
 
@@ -88,7 +88,7 @@ def test_algorithm_two_steps(ray_cluster, tmp_path, cache_dir, algo, extra, rewa
         "trainer.total_steps=2", "trainer.prompts_per_step=8", *extra,
     ])
     assert len(rows) == 2 and summary["weight_version"] == 2
-    assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows)
+    assert all(r["sync/check_logprob_diff"] < 1e-4 for r in rows)
     assert all(torch.isfinite(torch.tensor(r["policy/loss"])) for r in rows)
     if "reward=http" in extra:
         assert reward_server.requests >= 2  # every step's completions went to the service

@@ -12,7 +12,7 @@ from rlhf_ray.groups import PolicyGroup
 from rlhf_ray.models import ensure_tiny_llama
 from rlhf_ray.placement import RolePlan
 from rlhf_ray.workers.critic import CriticWorker
-from rlhf_ray.workers.learner import PolicyWorker
+from rlhf_ray.workers.policy import PolicyWorker
 
 
 @pytest.fixture(scope="module")
