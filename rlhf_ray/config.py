@@ -153,8 +153,6 @@ class AlgoConfig:
     """PPO ratio clip"""
     value_clip_eps: float = 0.2
     """value-function clip (0 = unclipped)"""
-    vf_coef: float = 0.5
-    """weight of the value loss (critic optimises it alone; logged for reference)"""
     entropy_coef: float = 0.0
     """entropy bonus weight"""
     kl_coef: float = 0.05
@@ -252,7 +250,8 @@ class TrainerConfig:
     save_every: int = 0
     """checkpoint every k steps (0 = only the final policy)"""
     eval_every: int = 0
-    """evaluate on held-out prompts every k steps (0 = never during training)"""
+    """every k steps, score one sample per held-out prompt (data.eval_prompts) with the reward
+    workers and log eval/reward and eval/gold to metrics.jsonl (0 = only at the end)"""
     output_dir: str = ""
     """run directory; empty = Hydra's run directory"""
     resume: str = "auto"
@@ -399,6 +398,8 @@ def _trainer_errors(t: TrainerConfig) -> list[str]:
         e.append(f"trainer.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
     if t.save_every < 0:
         e.append(f"trainer.save_every: must be >= 0, got {t.save_every}")
+    if t.eval_every < 0:
+        e.append(f"trainer.eval_every: must be >= 0, got {t.eval_every}")
     if t.total_steps < 0:
         e.append(f"trainer.total_steps: must be >= 0, got {t.total_steps}")
     if t.wandb and importlib.util.find_spec("wandb") is None:

@@ -74,6 +74,9 @@ class Trainer:
             try:
                 while self.step_index < self.cfg.trainer.total_steps and len(history) < budget:
                     metrics = self.step()
+                    k = self.cfg.trainer.eval_every  # held-out gold/proxy, logged as eval/* in this step's row
+                    if k and self.eval_prompts and self.step_index % k == 0:
+                        metrics.update(self.evaluate(self.eval_prompts))
                     logger.log(self.step_index, metrics)
                     history.append(metrics)
                     self._guards(metrics)
