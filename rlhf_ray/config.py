@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING  # noqa: F401  (re-exported for YAML users)
+
+from rlhf_ray.topology import auto_threads, auto_workers
 
 ALGORITHMS = ("ppo", "a2c", "grpo", "rloo", "reinforce_pp")
 CRITIC_ALGORITHMS = ("ppo", "a2c")
@@ -89,8 +91,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    num_engines: int = 2
-    """vLLM engines (Ray workers), each with tensor_parallel_size devices"""
+    num_engines: int = 0
+    """vLLM engines (Ray workers), each with tensor_parallel_size devices; 0 = auto (rlhf_ray/topology.py)"""
     tensor_parallel_size: int = 1
     """tensor parallelism inside one vLLM engine"""
     n_samples_per_prompt: int = 4
@@ -185,8 +187,8 @@ class AlgoConfig:
 
 @dataclass
 class LearnerConfig:
-    num_ranks: int = 2
-    """DeepSpeed data-parallel ranks (Ray workers)"""
+    num_ranks: int = 0
+    """DeepSpeed data-parallel ranks (Ray workers); 0 = auto (rlhf_ray/topology.py)"""
     zero_stage: int = 2
     """ZeRO stage 0-3"""
     offload: bool = False
@@ -227,8 +229,8 @@ class ClusterConfig:
     """logical CPUs of a local cluster; 0 = enough for the resource plan"""
     cpus_per_worker: float = 1.0
     """logical CPUs each worker reserves"""
-    threads_per_worker: int = 1
-    """torch/OMP threads inside each worker"""
+    threads_per_worker: int = 0
+    """torch/OMP threads inside each worker; 0 = auto: the machine's cores per worker of a role"""
     object_store_mb: int = 512
     """object store of a local cluster"""
     include_dashboard: bool = False
@@ -241,6 +243,10 @@ class ClusterConfig:
     """longest wait on any remote call before naming the stuck worker"""
     node_resources: bool = False
     """each bundle also asks for 1 unit of its role's node resource (rollout_node | learner_node)"""
+
+    def __post_init__(self) -> None:
+        if self.threads_per_worker == 0:
+            self.threads_per_worker = auto_threads(self.device)
 
 
 @dataclass
@@ -292,6 +298,17 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dry_run: bool = False
     """print the resource plan, check it against the cluster, start no workers"""
+
+    def __post_init__(self) -> None:
+        workers = auto_workers(self.cluster.device)
+        if self.rollout.num_engines == 0:
+            self.rollout = replace(self.rollout, num_engines=workers)
+        self.policy, self.critic = resolve_learner(self.policy, workers), resolve_learner(self.critic, workers)
+
+
+def resolve_learner(c: LearnerConfig, workers: int) -> LearnerConfig:
+    """``c`` with ``num_ranks`` = 0 (auto) replaced by ``workers`` (rlhf_ray/topology.py)."""
+    return replace(c, num_ranks=workers) if c.num_ranks == 0 else c
 
 
 def check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches: int) -> list[str]:

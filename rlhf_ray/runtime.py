@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
 from rlhf_ray.config import Config
 from rlhf_ray.faults import fault_env
-from rlhf_ray.groups import CriticGroup, PolicyGroup, ReferenceGroup, RewardGroup, RolloutGroup
+from rlhf_ray.groups import CriticGroup, PolicyGroup, ReferenceGroup, RewardGroup, RolloutGroup, start_all
 from rlhf_ray.placement import RolePlan, check_fits, format_plan, plan_totals, resource_plan
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class Groups:
     reference: ReferenceGroup
     policy: PolicyGroup
     critic: CriticGroup | None
+    init_seconds: dict[str, float] = field(default_factory=dict)
+    """each role's seconds from spawn until it served calls (all roles start at once)"""
 
     def all(self) -> list:
         return [g for g in (self.rollout, self.reward, self.reference, self.policy, self.critic) if g]
@@ -144,7 +146,8 @@ def worker_env(cfg: Config) -> dict[str, str]:
 
 
 def build_groups(cfg: Config, assets: Assets) -> Groups:
-    """Spawn every role's workers (constructors run in parallel), then wire the DeepSpeed worlds."""
+    """Spawn every role's workers and start them all at once: placement, constructors and the
+    DeepSpeed worlds of every role overlap (each group waits for its own in a thread)."""
     from rlhf_ray.workers.critic import CriticWorker
     from rlhf_ray.workers.policy import PolicyWorker
     from rlhf_ray.workers.reference import ReferenceWorker
@@ -190,10 +193,11 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
         critic = CriticGroup(plan["critic"], CriticWorker, learner_kwargs(
             cfg.critic, assets.critic_path, dict(algo=cfg.algo)), **common)
     groups = Groups(rollout, reward, reference, policy, critic)
-    for g in groups.all():
-        g.ready()
-    policy.init_world()
-    if critic:
-        critic.init_world()
-    log.info("worker groups ready:\n%s", format_plan(list(plan.values())))
+    try:
+        groups.init_seconds = start_all(groups.all())
+    except BaseException:
+        groups.shutdown()
+        raise
+    log.info("worker groups ready (seconds from spawn: %s):\n%s",
+             ", ".join(f"{k} {v:.1f}" for k, v in groups.init_seconds.items()), format_plan(list(plan.values())))
     return groups

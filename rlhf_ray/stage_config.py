@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from rlhf_ray import config as rl_config
-from rlhf_ray.config import ClusterConfig, Config, LearnerConfig, ModelConfig, RolloutConfig, check_learner
+from rlhf_ray.config import (
+    ClusterConfig,
+    Config,
+    LearnerConfig,
+    ModelConfig,
+    RolloutConfig,
+    check_learner,
+    resolve_learner,
+)
+from rlhf_ray.topology import auto_workers
 
 
 @dataclass
@@ -63,6 +72,9 @@ class SFTConfig:
     output_dir: str = ""
     """run directory (the model goes to <output_dir>/model); empty = Hydra's run directory"""
 
+    def __post_init__(self) -> None:
+        self.learner = resolve_learner(self.learner, auto_workers(self.cluster.device))
+
 
 @dataclass
 class RewardModelConfig:
@@ -84,6 +96,9 @@ class RewardModelConfig:
     """Ray cluster and worker resources"""
     output_dir: str = ""
     """run directory (the model goes to <output_dir>/model); empty = Hydra's run directory"""
+
+    def __post_init__(self) -> None:
+        self.learner = resolve_learner(self.learner, auto_workers(self.cluster.device))
 
 
 def _eval_rollout() -> RolloutConfig:
