@@ -71,15 +71,15 @@ def overrides_for(setting: dict, algo: str, steps: int, cache: Path, out: Path) 
     ]
 
 
-def launch(overrides: list[str], out: Path, log: Path) -> tuple[float, dict, list[dict]]:
-    """Run training; returns (seconds from launch to the first step's start, summary, metric rows)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def launch(overrides: list[str], out: Path, log: Path, repo: Path) -> tuple[float, dict, list[dict]]:
+    """Run ``repo``'s trainer; returns (seconds from launch to the first step's start, summary, metric rows)."""
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("RAY_AUTH_MODE", "disabled")
     metrics = out / "metrics.jsonl"
     launched = time.time()
     first_row_at = None
     with open(log, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", *overrides], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.train", *overrides], cwd=repo, env=env,
                                 stdout=log_file, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             if first_row_at is None and metrics.exists() and metrics.read_text().strip():
@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per run; the first is warm-up")
     p.add_argument("--cache", default=".cache/rlhf_ray")
     p.add_argument("--json", default="", help="also write the results to this file")
+    p.add_argument("--repo", default=str(ROOT), help="checkout whose trainer runs (before/after comparisons)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     a = p.parse_args()
     cores = os.cpu_count() or 1
@@ -168,7 +169,7 @@ def main() -> None:
                 out = Path(tmp) / "run"
                 s = SETTINGS[name]
                 startup, summary, rows = launch(overrides_for(s, algo, a.steps, cache, out) + a.overrides,
-                                                out, Path(tmp) / "train.log")
+                                                out, Path(tmp) / "train.log", Path(a.repo))
                 model = cache / f"tiny-llama-h{s['hidden']}-l{s['layers']}-a{s['heads']}-p{s['new_tokens'] + 64}-s0"
                 r = report(name, algo, startup, summary, rows, param_counts(model), peak)
             r["n_params"] = param_counts(model)[0]
