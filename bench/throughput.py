@@ -86,7 +86,7 @@ def launch(overrides: list[str], out: Path, log: Path, repo: Path) -> tuple[floa
                 first_row_at = time.time()
             time.sleep(0.05)
     if proc.returncode:
-        raise RuntimeError(f"training failed (exit {proc.returncode}); see {log}")
+        raise RuntimeError(f"training failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     first_row_at = first_row_at or time.time()
     startup = first_row_at - launched - rows[0]["timing/step"]
