@@ -385,11 +385,11 @@ def config_errors(cfg: Config) -> list[str]:
             f"model.tiny.max_position_embeddings={cfg.model.tiny.max_position_embeddings}"
         )
     sequences = cfg.trainer.prompts_per_step * r.n_samples_per_prompt
-    if a.name not in ALGORITHMS:
-        return e
-    minibatches, max_len = a.schedule[1], cfg.data.max_prompt_len + r.max_new_tokens
+    known = a.name in ALGORITHMS  # an unknown name is reported above; still check the rest
+    minibatches = a.schedule[1] if known else a.minibatches
+    max_len = cfg.data.max_prompt_len + r.max_new_tokens
     e += check_learner("policy", cfg.policy, sequences, minibatches, max_len)
-    if a.needs_critic:
+    if known and a.needs_critic:
         e += check_learner("critic", cfg.critic, sequences, minibatches, max_len)
     return e
 
