@@ -24,7 +24,7 @@ def test_token_budget_groups_by_hand():
 
 
 def samples(prompts: list[list[int]], responses: list[list[int]]) -> list[RolloutSample]:
-    return [RolloutSample(i, p, r, [-1.0] * len(r), 0, "e") for i, (p, r) in enumerate(zip(prompts, responses))]
+    return [RolloutSample(i, p, r, [-1.0] * len(r), 0, "e") for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
 
 
 def test_trim_padding_keeps_the_layout():
