@@ -211,11 +211,13 @@ class DeepSpeedRank:
         """``sums`` summed and ``maxes`` maximised over the ranks of this world."""
         if not dist.is_initialized() or self.world_size == 1:
             return sums + maxes
-        t = torch.tensor(sums + [-m for m in maxes], dtype=torch.float64, device=self.device)
-        s, m = t[: len(sums)].clone(), -t[len(sums) :]
-        dist.all_reduce(s, op=dist.ReduceOp.SUM)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-        return s.tolist() + m.tolist()
+        out = []
+        for values, op in ((sums, dist.ReduceOp.SUM), (maxes, dist.ReduceOp.MAX)):
+            if values:  # every rank passes the same lists, so every rank makes the same calls
+                t = torch.tensor(values, dtype=torch.float64, device=self.device)
+                dist.all_reduce(t, op=op)
+                out += t.tolist()
+        return out
 
     def forward_batched(self, fn, exp: Experience) -> torch.Tensor:
         """``forward.batched`` with this rank's micro-batch settings; under ZeRO-3 every rank runs
