@@ -21,6 +21,10 @@ def test_token_budget_groups_by_hand():
     assert token_budget_groups([2, 5, 3, 1], [4, 1, 3, 2], 18) == [[0, 1], [2, 3]]
     assert token_budget_groups([9], [9], 4) == [[0]]  # longer than the budget: alone
     assert fixed_groups(5, 2) == [[0, 1], [2, 3], [4]]
+    # The two rank shards of tests/workers/test_learner_math.py at budget 24: 3 vs 2 micro-batches.
+    p, a = [1, 6, 3, 2, 5, 1, 4, 2], [7, 1, 4, 2, 6, 3, 1, 5]
+    assert token_budget_groups(p[:4], a[:4], 24) == [[0], [1, 2], [3]]
+    assert token_budget_groups(p[4:], a[4:], 24) == [[0, 3], [1, 2]]
 
 
 def samples(prompts: list[list[int]], responses: list[list[int]]) -> list[RolloutSample]:

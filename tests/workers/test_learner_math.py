@@ -112,7 +112,8 @@ def test_two_ranks_of_unequal_micro_batches_give_the_full_batch_gradient(ray_clu
     lr = 1e-9  # the step barely moves the weights; we compare gradients
     full_cfg = LearnerConfig(num_ranks=1, micro_batch_size=8, lr=lr)
     dp_cfg = LearnerConfig(num_ranks=2, micro_batch_size=2, lr=lr)
-    budget_cfg = LearnerConfig(num_ranks=2, micro_batch_size=2, lr=lr, max_tokens_per_micro_batch=16)
+    # budget 24: rank 0 packs its rows into 3 micro-batches, rank 1 into 2 (+ 1 empty filler)
+    budget_cfg = LearnerConfig(num_ranks=2, micro_batch_size=2, lr=lr, max_tokens_per_micro_batch=24)
     exp = experience()
     full = group(f"{role_cls}_full", cls, 1, full_cfg, tiny, gas=1)
     try:
