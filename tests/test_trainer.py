@@ -196,19 +196,24 @@ def test_nonfinite_reward_is_masked_with_mask(tmp_path):
     assert "trainer/skipped" not in row and row["reward/nonfinite"] == 1.0 and len(t.g.policy.updates) == 1
 
 
+# KL per token with log(ref / pi) = -1, by estimator (Schulman's k1, k2, k3): 1, 1/2 * 1^2, e^-1 - 1 + 1
+KL_PER_TOKEN = {"k1": 1.0, "k2": 0.5, "k3": math.exp(-1)}
+
+
 def test_kl_ceiling_aborts_naming_the_key(tmp_path):
-    # GRPO's k3 estimator per token with log(ref/pi) = -1: e^-1 - 1 + 1 = 0.3679; x 3 tokens = 1.104 > 1.0
     cfg = config(tmp_path, "algo.kl_ceiling=1.0")
-    assert cfg.algo.kl_estimator == "k3"
+    kl = RESPONSE_LEN * KL_PER_TOKEN[cfg.algo.kl_estimator]  # the sequence KL, above 1.0 for each estimator
     t = make_trainer(cfg, tmp_path, reference=FakeReference(1.0))
-    with pytest.raises(TrainingAborted, match=r"step 1: kl/mean 1.104 exceeds algo.kl_ceiling=1.0"):
+    with pytest.raises(TrainingAborted, match=rf"step 1: kl/mean {kl:.3f} exceeds algo.kl_ceiling=1.0"):
         t.fit()
-    assert rows(tmp_path)[0]["kl/mean"] == pytest.approx(3 * math.exp(-1))
+    assert rows(tmp_path)[0]["kl/mean"] == pytest.approx(kl)
     assert len(t.g.policy.updates) == 1  # the step that crossed it ran; no further step did
 
 
 def test_kl_below_the_ceiling_runs_on(tmp_path):
-    t = make_trainer(config(tmp_path, "algo.kl_ceiling=1.2"), tmp_path, reference=FakeReference(1.0))
+    estimator = config(tmp_path).algo.kl_estimator
+    ceiling = 1.1 * RESPONSE_LEN * KL_PER_TOKEN[estimator]
+    t = make_trainer(config(tmp_path, f"algo.kl_ceiling={ceiling}"), tmp_path, reference=FakeReference(1.0))
     assert t.fit()["steps"] == 3
 
 
@@ -253,7 +258,8 @@ def test_checkpoint_round_trip_restores_the_driver_state(tmp_path):
     overrides = ("trainer.total_steps=4", "trainer.save_every=2", "trainer.stop_after_steps=2", "algo.kl_target=0.1",
                  "reward.normalize=true")
     first = make_trainer(config(tmp_path, *overrides), tmp_path, reference=FakeReference(0.1))
-    assert first.fit() == {"steps": 2, "stopped": True, "weight_version": 2}
+    stopped = first.fit()
+    assert (stopped["steps"], stopped["stopped"], stopped["weight_version"]) == (2, True, 2)
     saved = first.state_dict()
     # the state is not the initial one, or restoring it would prove nothing
     assert saved["kl_controller"] != make_trainer(config(tmp_path, *overrides), tmp_path).kl_ctl.state_dict()
