@@ -86,18 +86,20 @@ def compute_advantages(exp: Experience, algo: AlgoConfig, kl_coef: float,
                        group_size: int) -> tuple[Experience, dict[str, float]]:
     """Fill ``advantages`` (and ``returns`` for critic algorithms) of a scored experience."""
     mask = exp.response_mask * exp.valid[:, None]
-    kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, algo.kl_estimator) * mask
+    # no old-logprob pass (single on-policy update): vLLM's behaviour logprobs stand in for them
+    old = exp.old_logprobs if exp.old_logprobs is not None else exp.rollout_logprobs
+    kl = kl_estimate(old, exp.ref_logprobs, algo.kl_estimator) * mask
     seq_kl = kl.sum(-1)
     shaping = kl_coef if algo.kl_in_reward else 0.0
     returns = None
     if algo.name in ("ppo", "a2c"):
-        rewards = kl_penalized_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, mask, shaping,
+        rewards = kl_penalized_rewards(exp.scores, old, exp.ref_logprobs, mask, shaping,
                                        kind=algo.kl_estimator)
         advantages, returns = gae(rewards, exp.values, mask, algo.gamma, algo.lam)
         if algo.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
     elif algo.name == "reinforce_pp":
-        rewards = kl_penalized_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, mask, shaping,
+        rewards = kl_penalized_rewards(exp.scores, old, exp.ref_logprobs, mask, shaping,
                                        kind=algo.kl_estimator)
         advantages = reinforce_pp_advantages(rewards, mask, algo.gamma)
         returns = discounted_returns(rewards, mask, algo.gamma)

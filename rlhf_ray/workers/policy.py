@@ -47,8 +47,10 @@ class PolicyWorker(DeepSpeedRank):
         if a.name == "a2c":
             loss, metrics = a2c_policy_loss(logprobs, batch.advantages, mask, agg_mode=a.loss_agg)
         else:
+            # old_logprobs None: single on-policy pass, the old policy is this very forward
+            old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
             loss, metrics = ppo_policy_loss(
-                logprobs, batch.old_logprobs, batch.advantages, mask, clip_eps=a.clip_eps, agg_mode=a.loss_agg
+                logprobs, old, batch.advantages, mask, clip_eps=a.clip_eps, agg_mode=a.loss_agg
             )
         metrics = dict(metrics, pg_loss=loss.detach())
         entropy_mean = aggregate_loss(entropy, mask, a.loss_agg)
