@@ -18,6 +18,9 @@ RAY_GAUGE_KEYS = (
     "step", "reward/mean", "reward/gold", "kl/mean", "policy/loss", "critic/loss",
     "rollout/weight_version", "rollout/tokens_per_s", "rollout/samples", "rollout/tokens",
     "timing/step", "sync/seconds",
+    # actor-learner (trainer.max_staleness): who is busy, how full the pipeline is, how old the data
+    "rollout/busy_fraction", "learner/busy_fraction", "rollout/buffer_fill", "rollout/samples_in_flight",
+    "rollout/staleness_mean", "rollout/staleness_max", "rollout/dropped_samples",
 )
 # Every ``timing/<phase>`` key also goes to ``ray_rlhf_phase_seconds{phase=<phase>}``, and
 # ``rollout/weight_version/<engine>`` keys (one per engine, as reported after a sync) to
