@@ -85,7 +85,7 @@ def run_setting(overrides: list[str], staleness: list[int], steps: int, cache: P
                 rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
             warm = rows[1:]
             seconds = sum(r["timing/step"] for r in warm)
-            mean = lambda key: statistics.mean(r.get(key, float("nan")) for r in warm)  # noqa: E731
+            mean = lambda key, warm=warm: statistics.mean(r.get(key, float("nan")) for r in warm)  # noqa: E731
             results.append({
                 "k": k, "steps_per_s": len(warm) / seconds,
                 "completions_per_s": sum(r["rollout/samples"] for r in warm) / seconds,
