@@ -96,17 +96,21 @@ class RolloutStream:
                                             min_version=batch.min_version, chunk_tokens=self.chunk_tokens,
                                             wait_s=self.wait_s)
 
-    def poll(self) -> None:
-        """Collect every engine share that finished and send it to the reward workers."""
+    def poll(self, repair: bool = True) -> None:
+        """Collect every engine share that finished and send it to the reward workers;
+        ``repair=False`` leaves failed shares for later (the learner is mid-update, so its
+        weights are not the version a repaired engine must get)."""
         for batch in self.buffer:
             for part in batch.parts:
                 if part.samples is None and part.generate.done():
-                    self._collect(batch, part)
+                    self._collect(batch, part, repair)
 
-    def _collect(self, batch: Batch, part: Part) -> None:
+    def _collect(self, batch: Batch, part: Part, repair: bool) -> None:
         try:
             part.samples = part.generate.result()
         except WorkerError as e:  # the engine died (Ray restarts it with initial weights) or was stale
+            if not repair:
+                return
             if batch.repairs >= self.max_repairs:
                 raise
             batch.repairs += 1
@@ -144,7 +148,7 @@ class RolloutStream:
         """Results of learner calls; while they run, finished engine shares get scored."""
         refs = [r for p in pending if p is not None for r in p.refs]
         while refs and ray.wait(refs, num_returns=len(refs), timeout=0.05)[1]:
-            self.poll()
+            self.poll(repair=False)
         return wait_all(pending)
 
     # ------------------------------------------------------------------ state

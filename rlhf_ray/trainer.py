@@ -35,6 +35,7 @@ from rlhf_ray.data.datasets import DataError, tokenize_prompts_with_index
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.experience import RunningMoments, compute_advantages, prepare_scores
 from rlhf_ray.faults import maybe_fail
+from rlhf_ray.groups import WorkerError
 from rlhf_ray.metrics import MetricsLogger, timed
 from rlhf_ray.rollout_stream import RolloutStream
 from rlhf_ray.runtime import Groups
@@ -145,7 +146,7 @@ class Trainer:
         with timed(t, "sync"):
             check = samples[: c.sync.check_samples]
             if self.stream.asynchronous:
-                m.update(self.sync.finish())
+                m.update(self._finish_push())
                 self.sync.start(self.weight_version + 1, check)
             else:
                 m.update(self.sync.push(self.weight_version + 1, check))
@@ -177,6 +178,15 @@ class Trainer:
                 self.stream.submit(self.sampler.next_batch(), self.cfg.seed * 1_000_003 + step * 10_007,
                                    self.weight_version)
         return self.stream.buffer.fill()
+
+    def _finish_push(self) -> dict[str, float]:
+        """The previous in-flight push; an engine that died meanwhile gets the next push once
+        Ray restarted it, and its lost share is re-issued when the batch is taken."""
+        try:
+            return self.sync.finish()
+        except WorkerError as e:
+            log.warning("weight push failed on a dead engine (%s); it is repaired with the next batch", e)
+            return {}
 
     def _staleness(self, exp: Experience, valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-token staleness against the weights this update starts from; rows beyond the

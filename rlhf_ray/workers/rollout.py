@@ -99,15 +99,16 @@ class RolloutWorker:
         return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=max_tokens,
                               logprobs=0, seed=seed)
 
-    def _run(self, requests: list[dict], params: list) -> list:
-        """One ``LLM.generate`` under the engine lock, after any pending weight load."""
+    def _run(self, requests: list[dict], params: list) -> tuple[list, int]:
+        """One ``LLM.generate`` under the engine lock, after any pending weight load; returns
+        the outputs and the version of the weights that produced them."""
         while self._loads_waiting:
             time.sleep(0.001)
         with self._engine_lock:
             start = time.perf_counter()
             outputs = self.llm.generate(requests, params, use_tqdm=False)
             self.busy_s += time.perf_counter() - start
-        return outputs
+            return outputs, self.version
 
     def generate(
         self, prompt_ids: list[list[int]], prompt_indices: list[int], *, seed: int, min_version: int,
@@ -117,8 +118,10 @@ class RolloutWorker:
         weights ``>= min_version`` (waiting up to ``wait_s`` for them); ``chunk_tokens > 0``
         lets new weights load between chunks of that many tokens."""
         n = n or self.cfg.n_samples_per_prompt
+        # wait for the weights outside the generate lock: an earlier batch (which asks for older
+        # weights) must be able to run meanwhile, or the learner would never produce them
+        self._wait_for_version(min_version, wait_s)
         with self._generate_lock:
-            self._wait_for_version(min_version, wait_s)
             started = time.time()
             if chunk_tokens <= 0 or chunk_tokens >= self.cfg.max_new_tokens:
                 samples = self._generate_whole(prompt_ids, prompt_indices, seed, n)
@@ -132,8 +135,7 @@ class RolloutWorker:
     def _generate_whole(self, prompt_ids, prompt_indices, seed: int, n: int) -> list[RolloutSample]:
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         params = [self._params(n, seed + i, self.cfg.max_new_tokens) for i in prompt_indices]
-        version = self.version
-        outputs = self._run(requests, params)
+        outputs, version = self._run(requests, params)
         samples = []
         for out, index, ids in zip(outputs, prompt_indices, prompt_ids, strict=True):
             for c in out.outputs:
@@ -153,9 +155,8 @@ class RolloutWorker:
             todo = [i for i, s in enumerate(samples) if not s.finish_reason]
             if not todo:
                 break
-            version = self.version  # stable: loads only happen between chunks
             left = self.cfg.max_new_tokens - round_
-            outputs = self._run([{"prompt_token_ids": samples[i].prompt_ids + samples[i].response_ids} for i in todo],
+            outputs, version = self._run([{"prompt_token_ids": samples[i].prompt_ids + samples[i].response_ids} for i in todo],
                                 [self._params(1, seeds[i] + round_, min(chunk, left)) for i in todo])
             for i, out in zip(todo, outputs, strict=True):
                 c, s = out.outputs[0], samples[i]
