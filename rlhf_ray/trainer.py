@@ -100,7 +100,7 @@ class Trainer:
                         break
             finally:
                 logger.close()
-        self.sync.finish()  # the last in-flight push (max_staleness > 0): engines must report it
+        self._finish_push()  # the last in-flight push (max_staleness > 0): engines report it
         if self.step_index < self.cfg.trainer.total_steps:  # stopped early: checkpoint, no final model
             if not ckpt.is_complete(ckpt.step_dir(self.checkpoint_root, self.step_index)):
                 self.save_checkpoint()
