@@ -20,6 +20,8 @@ def wait(refs: list, workers: list, what: str, timeout_s: float) -> list:
     """``ray.get`` of one ref per worker, in order. Fails as soon as any worker fails (its
     peers may be blocked in a collective with it and would never answer), naming it; after
     ``timeout_s`` names the workers that have not answered."""
+    if not refs:
+        return []
     name_of = {r: w for r, w in zip(refs, workers, strict=True)}
     deadline = time.monotonic() + timeout_s
     pending = list(refs)
@@ -66,3 +68,18 @@ def wait_all(pending: list[Pending | None]) -> list:
     names = [f"{p.what} {n}" for p in real for n in p.names]
     wait(refs, names, "+".join(p.what for p in real), max((p.timeout_s for p in real), default=0.0))
     return [p.result() if p is not None else None for p in pending]
+
+
+class Ready(Pending):
+    """An answer already at hand, behaving like a finished ``Pending`` (for calls answered
+    without a worker, and for in-process stand-ins of groups in controller tests)."""
+
+    def __init__(self, value: Any, what: str = "ready"):
+        super().__init__([], [], what, 0.0)
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> Any:
+        return self.value
