@@ -114,7 +114,8 @@ class RolloutStream:
             if batch.repairs >= self.max_repairs:
                 raise
             batch.repairs += 1
-            log.warning("rollout failed (%s); repairing engines and re-issuing %s's share", e, part.generate.names[0])
+            log.warning("rollout failed (%s); repairing engines and re-issuing %s's share", e,
+                        self.rollout.names[part.engine])
             self.sync.repair(self.sync.latest)
             # same prompts, same seeds: the re-issued share replaces the lost one exactly
             part.generate = self._generate(part.engine, batch, part.rows, [self.prompt_ids[i] for i in batch.indices])
@@ -129,7 +130,7 @@ class RolloutStream:
         batch = self.buffer.peek()
         while any(p.samples is None for p in batch.parts):
             self.poll()
-            waiting = [p.generate.refs[0] for p in batch.parts if p.samples is None]
+            waiting = [r for p in batch.parts if p.samples is None for r in p.generate.refs]
             if waiting:
                 ray.wait(waiting, num_returns=1, timeout=1.0)
         start = time.perf_counter()

@@ -230,6 +230,12 @@ class Trainer:
                                        for u0, u1 in self.update_spans)
         return out
 
+    @staticmethod
+    def _rollout_vs_learner(exp: Experience) -> float:
+        """Mean |vLLM - learner| logprob on this batch's tokens (before the update)."""
+        diff = (exp.rollout_logprobs - exp.old_logprobs).abs() * exp.response_mask
+        return float(diff.sum() / exp.response_mask.sum().clamp(min=1))
+
     def _guards(self, m: dict[str, float]) -> None:
         ceiling = self.cfg.algo.kl_ceiling
         if ceiling and m.get("kl/mean", 0.0) > ceiling:

@@ -76,8 +76,11 @@ class WeightSync:
         if p is None:
             return {}
         version, send = p["version"], p["send"]
-        names = self.policy.names[: len(send)] + self.rollout.names
-        answers = wait(send + p["receive"], names, "weight sync", self.timeout_s)[len(send):]
+        if send:  # collective: sender and receivers wait on each other, fail as one
+            names = self.policy.names[: len(send)] + self.rollout.names
+            answers = wait(send + p["receive"], names, "weight sync", self.timeout_s)[len(send):]
+        else:
+            answers = self.rollout.get(p["receive"], "receive_weights")
         self.engine_versions = {n: v for n, (v, _) in zip(self.rollout.names, answers, strict=True)}
         stale = [f"{n}=v{v}" for n, v in self.engine_versions.items() if v != version]
         if stale:
