@@ -56,6 +56,8 @@ class SlowRewardServer:
 
 def run_setting(overrides: list[str], staleness: list[int], steps: int, cache: Path) -> list[dict]:
     """Build the groups once, then one Trainer per ``max_staleness`` on them."""
+    import ray
+
     from rlhf_ray.data import load_prompt_dataset, tokenize_prompts_with_index
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.placement import resource_plan
@@ -82,6 +84,9 @@ def run_setting(overrides: list[str], staleness: list[int], steps: int, cache: P
                 trainer = Trainer(cfg_for(out, k), groups, tokenizer, prompts, ids, Path(out))
                 trainer.sync.push(0)
                 trainer.fit()
+                # let batches still in flight finish, so they do not slow the next run down
+                ray.wait([r for b in trainer.stream.buffer for p in b.parts for r in p.generate.refs],
+                         num_returns=sum(len(b.parts) for b in trainer.stream.buffer), timeout=300)
                 rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
             warm = rows[1:]
             seconds = sum(r["timing/step"] for r in warm)
@@ -97,8 +102,6 @@ def run_setting(overrides: list[str], staleness: list[int], steps: int, cache: P
     finally:
         groups.shutdown()
         if started:
-            import ray
-
             ray.shutdown()
     return results
 
