@@ -85,8 +85,9 @@ def run_setting(overrides: list[str], staleness: list[int], steps: int, cache: P
                 trainer.sync.push(0)
                 trainer.fit()
                 # let batches still in flight finish, so they do not slow the next run down
-                ray.wait([r for b in trainer.stream.buffer for p in b.parts for r in p.generate.refs],
-                         num_returns=sum(len(b.parts) for b in trainer.stream.buffer), timeout=300)
+                left = [r for b in trainer.stream.buffer for p in b.parts for r in p.generate.refs]
+                if left:
+                    ray.wait(left, num_returns=len(left), timeout=300)
                 rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
             warm = rows[1:]
             seconds = sum(r["timing/step"] for r in warm)
