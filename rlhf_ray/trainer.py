@@ -155,11 +155,14 @@ class Trainer:
         self.step_index += 1
         tokens = float(exp.response_mask.sum())
         m.update(adv_metrics, **t, **m_stale, **self._busy(t, start, fill, samples))
+        step_s = time.perf_counter() - start
+        # synchronous: generation speed; asynchronous (generation hidden behind the learner): tokens per step second
+        per_s = step_s if self.stream.asynchronous else t["timing/rollout"]
         m.update({
             "rollout/samples": float(len(samples)), "rollout/tokens": tokens,
-            "rollout/tokens_per_s": tokens / max(t["timing/rollout"], 1e-9),
+            "rollout/tokens_per_s": tokens / max(per_s, 1e-9),
             "rollout/prompt_indices": batch.indices,
-            "timing/step": time.perf_counter() - start,
+            "timing/step": step_s,
         })
         if exp.old_logprobs is not None:
             m["rollout/behavior_logprob_diff"] = self._rollout_vs_learner(exp)
