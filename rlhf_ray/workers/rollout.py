@@ -156,8 +156,8 @@ class RolloutWorker:
             if not todo:
                 break
             left = self.cfg.max_new_tokens - round_
-            outputs, version = self._run([{"prompt_token_ids": samples[i].prompt_ids + samples[i].response_ids} for i in todo],
-                                [self._params(1, seeds[i] + round_, min(chunk, left)) for i in todo])
+            requests = [{"prompt_token_ids": samples[i].prompt_ids + samples[i].response_ids} for i in todo]
+            outputs, version = self._run(requests, [self._params(1, seeds[i] + round_, min(chunk, left)) for i in todo])
             for i, out in zip(todo, outputs, strict=True):
                 c, s = out.outputs[0], samples[i]
                 token_ids = list(c.token_ids)
