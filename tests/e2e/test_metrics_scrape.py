@@ -33,7 +33,7 @@ STEP = {
     "timing/reward": 0.5, "timing/experience": 1.0, "timing/advantages": 0.01, "timing/update": 3.0,
     "timing/sync": 0.9, "rollout/weight_version/rollout-0": 3.0, "rollout/weight_version/rollout-1": 3.0,
     "rollout/busy_fraction": 0.8, "learner/busy_fraction": 0.7, "rollout/buffer_fill": 1.0,
-    "rollout/samples_in_flight": 32.0, "rollout/staleness_mean": 0.5, "rollout/staleness_max": 1.0,
+"rollout/staleness_mean": 0.5, "rollout/staleness_max": 1.0,
     "rollout/dropped_samples": 0.0,
 }
 
