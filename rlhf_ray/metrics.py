@@ -46,16 +46,6 @@ def set_samples_in_flight(n: int) -> None:
         _active_gauges.in_flight.set(n, tags=DRIVER)
 
 
-@contextmanager
-def samples_in_flight(n: int):
-    """``ray_rlhf_samples_in_flight`` is ``n`` inside the block, 0 after it."""
-    set_samples_in_flight(n)
-    try:
-        yield
-    finally:
-        set_samples_in_flight(0)
-
-
 class RayGauges:
     """The driver's ``ray.util.metrics`` gauges, exported by the node's metrics agent."""
 
