@@ -177,3 +177,22 @@ def test_share_lost_with_an_engine_is_reissued(tmp_path):
     summary, rows, engines, _ = fit(tmp_path, "trainer.max_staleness=1", engines=engines)
     assert all(r["rollout/samples"] == 4 for r in rows)  # 2 prompts x 2 samples: none lost
     assert len(engines.floors) == 2 * 7 + 1  # 7 batches submitted (6 trained + 1 in flight), 1 re-issue
+
+
+def test_sigterm_stops_after_the_step_with_batches_in_flight_checkpointed(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real_step = Trainer.step
+
+    def step_then_sigterm(self):
+        metrics = real_step(self)
+        if self.step_index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # preemption arrives during step 2's bookkeeping
+        return metrics
+
+    monkeypatch.setattr(Trainer, "step", step_then_sigterm)
+    summary, rows, _, _ = fit(tmp_path, "trainer.max_staleness=1")
+    assert summary["stopped"] and [r["step"] for r in rows] == [1, 2]
+    state = json.loads((tmp_path / "checkpoints/step_00000002/driver.json").read_text())
+    assert len(state["in_flight"]) == 1 and state["weight_version"] == 2
