@@ -97,14 +97,14 @@ def test_resume_with_batches_in_flight(stack, tmp_path):
     assert [r["rollout/prompt_indices"] for r in resumed] == [r["rollout/prompt_indices"] for r in straight]
 
 
-def test_engine_killed_during_async_generation(stack, tmp_path):
+def test_engine_killed_during_async_generation(stack, tmp_path, caplog):
     fit, groups = stack
     run_dir = tmp_path / "run"
     killed = threading.Event()
 
     def kill_when_generating():
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed.is_set():
+        while time.monotonic() < deadline and not killed.is_set():  # after step 1, while generating
             if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 1:
                 ray.kill(groups.rollout.workers[1], no_restart=False)  # Ray restarts it, initial weights
                 killed.set()
@@ -113,7 +113,7 @@ def test_engine_killed_during_async_generation(stack, tmp_path):
     killer = threading.Thread(target=kill_when_generating, daemon=True)
     killer.start()
     summary, rows, _ = fit(["trainer.max_staleness=1", "trainer.total_steps=4"], run_dir)
-    killed.set()
+    assert killed.is_set() and "rollout-1" in caplog.text  # it died mid-run; the repair named it
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert summary["engine_versions"] == {"rollout-0": 4, "rollout-1": 4}
     for r in rows:
