@@ -1,6 +1,7 @@
 """The prompt stream between the sampler and the learner: submits rollout batches to the engines
 (one call per engine), scores each engine's completions as soon as they arrive (streaming
-rewards), re-issues an engine's share after Ray restarted it, and hands the learner whole,
+rewards, with ``max_staleness > 0``; the synchronous step scores its batch in one call, as it
+always did: a remote judge with a per-request latency would otherwise cost more), re-issues an engine's share after Ray restarted it, and hands the learner whole,
 scored batches in order.
 
 With ``trainer.max_staleness = k`` up to ``k + 1`` batches are in flight (the ``RolloutBuffer``
@@ -122,7 +123,8 @@ class RolloutStream:
             return
         part.prompts = [self.prompts[batch.indices[s.prompt_index]] for s in part.samples]
         part.texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in part.samples]
-        part.reward = self.reward.submit_score(part.prompts, part.texts)
+        if self.asynchronous:
+            part.reward = self.reward.submit_score(part.prompts, part.texts)
 
     # ------------------------------------------------------------------ consuming
     def take(self) -> Taken:
@@ -134,7 +136,11 @@ class RolloutStream:
             if waiting:
                 ray.wait(waiting, num_returns=1, timeout=1.0)
         start = time.perf_counter()
-        scored = wait_all([p.reward for p in batch.parts])
+        if self.asynchronous:
+            scored = wait_all([p.reward for p in batch.parts])
+        else:
+            scored = [self.reward.submit_score([x for p in batch.parts for x in p.prompts],
+                                               [x for p in batch.parts for x in p.texts]).result()]
         reward_wait_s = time.perf_counter() - start
         self.buffer.pop()
         self._gauge()
