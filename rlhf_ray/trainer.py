@@ -75,7 +75,7 @@ class Trainer:
                                     wait_s=cfg.cluster.call_timeout_s)
         self.reissue: list[dict] = []  # in-flight batches of the checkpoint resumed from
         self.update_spans: deque[tuple[float, float]] = deque(maxlen=8)  # wall-clock learner updates
-        self.busy_mark: tuple[float, float] | None = None  # (time, engines' busy seconds) at the last step
+        self.busy_mark: tuple[float, list[float]] | None = None  # (time, each engine's busy seconds) last step
         self.stop_requested = False
 
     # ------------------------------------------------------------------ the loop
@@ -221,13 +221,18 @@ class Trainer:
     def _busy(self, t: dict[str, float], start: float, fill: float, samples: list) -> dict[str, float]:
         """Dashboard numbers of this step: engines' and learner's busy fractions, buffer fill,
         samples in flight, and the seconds of generation that overlapped learner updates."""
-        now, busy = time.perf_counter(), sum(self.g.rollout.busy_seconds())
+        now = time.perf_counter()
         out = {"rollout/buffer_fill": fill, "rollout/samples_in_flight": float(self.stream.samples_in_flight()),
                "learner/busy_fraction": (t["timing/experience"] + t["timing/update"]) / max(now - start, 1e-9)}
-        if self.busy_mark is not None:
-            dt = (now - self.busy_mark[0]) * len(self.g.rollout.workers)
-            out["rollout/busy_fraction"] = (busy - self.busy_mark[1]) / max(dt, 1e-9)
-        self.busy_mark = (now, busy)
+        try:
+            busy = self.g.rollout.busy_seconds()
+        except WorkerError:  # an engine is restarting: no busy fraction this step
+            busy = None
+        if busy is not None and self.busy_mark is not None:
+            # a restarted engine counts from zero again
+            gained = sum(b - a if b >= a else b for a, b in zip(self.busy_mark[1], busy, strict=True))
+            out["rollout/busy_fraction"] = gained / max((now - self.busy_mark[0]) * len(busy), 1e-9)
+        self.busy_mark = (now, busy) if busy is not None else None
         spans = {(s.engine, s.started, s.finished) for s in samples}
         out["rollout/overlap_s"] = sum(max(0.0, min(f, u1) - max(s0, u0)) for _, s0, f in spans
                                        for u0, u1 in self.update_spans)

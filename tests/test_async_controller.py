@@ -39,6 +39,7 @@ class Engines:
         self.held = dict.fromkeys(self.names, 0)
         self.floors: list[int] = []  # min_version of every share submitted
         self.fail_next = 0
+        self.fail_busy = 0
 
     def submit_generate(self, engine, prompt_ids, prompt_indices, *, seed, min_version, n=None, chunk_tokens=0,
                         wait_s=0.0):
@@ -59,6 +60,9 @@ class Engines:
         return Ready(out)
 
     def busy_seconds(self):
+        if self.fail_busy:
+            self.fail_busy -= 1
+            raise WorkerError("rollout.busy_seconds failed on 'rollout-1': the actor is restarting")
         return [0.0, 0.0]
 
     def versions(self, timeout_s=None):
@@ -173,7 +177,7 @@ def test_resume_reissues_the_batches_in_flight(tmp_path):
 
 def test_share_lost_with_an_engine_is_reissued(tmp_path):
     engines = Engines()
-    engines.fail_next = 1
+    engines.fail_next = engines.fail_busy = 1  # the restarting engine cannot report its busy seconds either
     summary, rows, engines, _ = fit(tmp_path, "trainer.max_staleness=1", engines=engines)
     assert all(r["rollout/samples"] == 4 for r in rows)  # 2 prompts x 2 samples: none lost
     assert len(engines.floors) == 2 * 7 + 1  # 7 batches submitted (6 trained + 1 in flight), 1 re-issue
