@@ -12,21 +12,20 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING  # noqa: F401  (re-exported for YAML users)
 
-ALGORITHMS = ("ppo", "a2c", "grpo", "rloo", "reinforce_pp")
-CRITIC_ALGORITHMS = ("ppo", "a2c")
-GROUP_ALGORITHMS = ("grpo", "rloo")
+from rlhf_ray.algo import AGG_MODES, KL_ESTIMATORS, KL_LOSS_ESTIMATORS, OFF_POLICY_LEVELS, OFF_POLICY_MODES
+from rlhf_ray.algorithms import ALGORITHMS, Algorithm, algorithm
+from rlhf_ray.topology import auto_threads, auto_workers
+
 REWARD_KINDS = ("model", "function", "http")
 SYNC_BACKENDS = ("collective", "object_store")
 OVERLONG_POLICIES = ("truncate", "skip", "error")
 NAN_REWARD_POLICIES = ("mask", "skip_step", "abort")
 DEVICES = ("cpu", "cuda")
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 SECRET_KEYS = ("token", "secret", "password", "api_key")
 
 
@@ -89,8 +88,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    num_engines: int = 2
-    """vLLM engines (Ray workers), each with tensor_parallel_size devices"""
+    num_engines: int = 0
+    """vLLM engines (Ray workers), each with tensor_parallel_size devices; 0 = auto (rlhf_ray/topology.py)"""
     tensor_parallel_size: int = 1
     """tensor parallelism inside one vLLM engine"""
     n_samples_per_prompt: int = 4
@@ -146,17 +145,17 @@ class RewardConfig:
 @dataclass
 class AlgoConfig:
     name: str = "ppo"
-    """ppo | a2c | grpo | rloo | reinforce_pp"""
+    """ppo | a2c | grpo | dr_grpo | dapo | gspo | cispo | rloo | reinforce_pp (rlhf_ray/algorithms.py)"""
     gamma: float = 1.0
     """discount"""
     lam: float = 0.95
     """GAE lambda"""
     clip_eps: float = 0.2
-    """PPO ratio clip"""
+    """ratio clip: lower bound 1 - clip_eps (and upper, unless clip_eps_high is set)"""
+    clip_eps_high: float = 0.0
+    """upper ratio clip 1 + clip_eps_high (DAPO clip-higher, GSPO, CISPO); 0 = clip_eps"""
     value_clip_eps: float = 0.2
     """value-function clip (0 = unclipped)"""
-    vf_coef: float = 0.5
-    """weight of the value loss (critic optimises it alone; logged for reference)"""
     entropy_coef: float = 0.0
     """entropy bonus weight"""
     kl_coef: float = 0.05
@@ -166,29 +165,57 @@ class AlgoConfig:
     kl_horizon: int = 10000
     """horizon of the adaptive KL controller (Ziegler et al.)"""
     kl_estimator: str = "k1"
-    """k1 | k2 | k3"""
+    """k1 | k2 | k3; as a loss term (kl_in_reward=false) only k2 (grad KL(pi||ref)) or k3 (grad KL(ref||pi))"""
     kl_in_reward: bool = True
     """True: KL shapes the token rewards; False: KL is a loss term (GRPO style)"""
     epochs: int = 2
     """passes over each batch of experience"""
     minibatches: int = 2
     """minibatches per epoch (per learner rank share)"""
-    loss_agg: str = "token_mean"
-    """token_mean | seq_mean_token_mean | seq_mean_token_sum"""
+    loss_agg: str = ""
+    """token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm; empty = the algorithm's"""
+    normalize_std: bool | None = None
+    """group-normalised advantages: divide by the group std; unset = the algorithm's (Dr. GRPO: false)"""
     whiten_advantages: bool = True
     """whiten GAE advantages over the batch"""
     kl_ceiling: float = 0.0
     """stop the run when the mean sequence KL to the reference exceeds this (0 = no ceiling)"""
+    off_policy_correction: str = "auto"
+    """IS weights vLLM -> learner in the policy loss: auto (tis if trainer.max_staleness > 0) | none | tis | mis"""
+    off_policy_cap: float = 2.0
+    """truncation (tis) or masking (mis) threshold of the IS weight"""
+    off_policy_level: str = "token"
+    """token (one IS weight per token) | sequence (one per row, product of its tokens')"""
+
+    @property
+    def spec(self) -> Algorithm:
+        """This algorithm's row of the table (rlhf_ray/algorithms.py)."""
+        return algorithm(self.name)
 
     @property
     def needs_critic(self) -> bool:
-        return self.name in CRITIC_ALGORITHMS
+        return self.spec.needs_critic
+
+    @property
+    def agg_mode(self) -> str:
+        """The loss aggregation in effect: ``loss_agg``, else the algorithm's default."""
+        return self.loss_agg or self.spec.default_loss_agg
+
+    @property
+    def std_normalized(self) -> bool:
+        """Whether group advantages are divided by the group std."""
+        return self.spec.normalize_std if self.normalize_std is None else self.normalize_std
+
+    @property
+    def schedule(self) -> tuple[int, int]:
+        """``(epochs, minibatches)`` the policy and critic actually run per batch."""
+        return self.spec.schedule(self.epochs, self.minibatches)
 
 
 @dataclass
 class LearnerConfig:
-    num_ranks: int = 2
-    """DeepSpeed data-parallel ranks (Ray workers)"""
+    num_ranks: int = 0
+    """DeepSpeed data-parallel ranks (Ray workers); 0 = auto (rlhf_ray/topology.py)"""
     zero_stage: int = 2
     """ZeRO stage 0-3"""
     offload: bool = False
@@ -203,6 +230,8 @@ class LearnerConfig:
     """constant | linear | cosine (after warm-up, over trainer.total_steps optimizer steps)"""
     micro_batch_size: int = 8
     """sequences per forward/backward on one rank"""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: micro-batches of length-sorted sequences under this padded-token budget (padding trimmed) instead of micro_batch_size rows"""
     grad_clip: float = 1.0
     """gradient-norm clip (0 = off)"""
 
@@ -229,8 +258,8 @@ class ClusterConfig:
     """logical CPUs of a local cluster; 0 = enough for the resource plan"""
     cpus_per_worker: float = 1.0
     """logical CPUs each worker reserves"""
-    threads_per_worker: int = 1
-    """torch/OMP threads inside each worker"""
+    threads_per_worker: int = 0
+    """torch/OMP threads inside each worker; 0 = auto: the machine's cores per worker of a role"""
     object_store_mb: int = 512
     """object store of a local cluster"""
     include_dashboard: bool = False
@@ -244,6 +273,10 @@ class ClusterConfig:
     node_resources: bool = False
     """each bundle also asks for 1 unit of its role's node resource (rollout_node | learner_node)"""
 
+    def __post_init__(self) -> None:
+        if self.threads_per_worker == 0:
+            self.threads_per_worker = auto_threads(self.device)
+
 
 @dataclass
 class TrainerConfig:
@@ -254,7 +287,8 @@ class TrainerConfig:
     save_every: int = 0
     """checkpoint every k steps (0 = only the final policy)"""
     eval_every: int = 0
-    """evaluate on held-out prompts every k steps (0 = never during training)"""
+    """every k steps, score one sample per held-out prompt (data.eval_prompts) with the reward
+    workers and log eval/reward and eval/gold to metrics.jsonl (0 = only at the end)"""
     output_dir: str = ""
     """run directory; empty = Hydra's run directory"""
     resume: str = "auto"
@@ -269,6 +303,8 @@ class TrainerConfig:
     """stop with a checkpoint after this many steps in this process (0 = run to total_steps)"""
     max_nonfinite_updates: int = 3
     """abort after this many updates in a row skipped for a non-finite loss or gradient"""
+    max_staleness: int = 0
+    """0 = synchronous; k >= 1: train on samples generated by weights at most k versions old"""
     max_engine_repairs: int = 3
     """restarted rollout engines re-synced per step before giving up"""
     max_restarts: int = 1
@@ -297,9 +333,28 @@ class Config:
     dry_run: bool = False
     """print the resource plan, check it against the cluster, start no workers"""
 
+    def __post_init__(self) -> None:
+        workers = auto_workers(self.cluster.device)
+        if self.rollout.num_engines == 0:
+            self.rollout = replace(self.rollout, num_engines=workers)
+        self.policy, self.critic = resolve_learner(self.policy, workers), resolve_learner(self.critic, workers)
 
-def check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches: int) -> list[str]:
+
+def resolve_learner(c: LearnerConfig, workers: int) -> LearnerConfig:
+    """``c`` with ``num_ranks`` = 0 (auto) replaced by ``workers`` (rlhf_ray/topology.py)."""
+    return replace(c, num_ranks=workers) if c.num_ranks == 0 else c
+
+
+def check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches: int,
+                  max_seq_len: int = 0) -> list[str]:
     errors = []
+    if c.max_tokens_per_micro_batch < 0:
+        errors.append(f"{key}.max_tokens_per_micro_batch: must be >= 0, got {c.max_tokens_per_micro_batch}")
+    elif 0 < c.max_tokens_per_micro_batch < max_seq_len:
+        errors.append(
+            f"{key}.max_tokens_per_micro_batch: {c.max_tokens_per_micro_batch} cannot hold one sequence of "
+            f"data.max_prompt_len + rollout.max_new_tokens = {max_seq_len} tokens"
+        )
     if c.num_ranks < 1:
         errors.append(f"{key}.num_ranks: must be >= 1, got {c.num_ranks}")
     if c.zero_stage not in (0, 1, 2, 3):
@@ -317,7 +372,12 @@ def check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches
                 f"{key}.num_ranks: {sequences} sequences per step (trainer.prompts_per_step x "
                 f"rollout.n_samples_per_prompt) do not divide across {c.num_ranks} ranks"
             )
-        elif per_rank % (epochs_minibatches * c.micro_batch_size):
+        elif per_rank % epochs_minibatches:
+            errors.append(
+                f"{key}.num_ranks: each rank's {per_rank} sequences do not split into "
+                f"algo.minibatches={epochs_minibatches} equal minibatches"
+            )
+        elif not c.max_tokens_per_micro_batch and per_rank % (epochs_minibatches * c.micro_batch_size):
             errors.append(
                 f"{key}.micro_batch_size: each rank's {per_rank} sequences do not split into "
                 f"algo.minibatches={epochs_minibatches} minibatches of whole micro-batches of "
@@ -336,7 +396,7 @@ def config_errors(cfg: Config) -> list[str]:
     e = (_algo_errors(cfg.algo) + _rollout_errors(cfg.rollout) + _reward_errors(cfg.reward)
          + _trainer_errors(cfg.trainer) + _misc_errors(cfg))
     a, r = cfg.algo, cfg.rollout
-    if a.name in GROUP_ALGORITHMS and r.n_samples_per_prompt < 2:
+    if a.name in ALGORITHMS and a.spec.group_baseline and r.n_samples_per_prompt < 2:
         e.append(f"rollout.n_samples_per_prompt: {a.name} needs >= 2 samples per prompt")
     if cfg.data.max_prompt_len + r.max_new_tokens > cfg.model.tiny.max_position_embeddings and not cfg.model.policy_path:
         e.append(
@@ -344,16 +404,40 @@ def config_errors(cfg: Config) -> list[str]:
             f"model.tiny.max_position_embeddings={cfg.model.tiny.max_position_embeddings}"
         )
     sequences = cfg.trainer.prompts_per_step * r.n_samples_per_prompt
-    e += check_learner("policy", cfg.policy, sequences, a.minibatches)
-    if a.needs_critic:
-        e += check_learner("critic", cfg.critic, sequences, a.minibatches)
+    known = a.name in ALGORITHMS  # an unknown name is reported above; still check the rest
+    minibatches = a.schedule[1] if known else a.minibatches
+    max_len = cfg.data.max_prompt_len + r.max_new_tokens
+    e += check_learner("policy", cfg.policy, sequences, minibatches, max_len)
+    if known and a.needs_critic:
+        e += check_learner("critic", cfg.critic, sequences, minibatches, max_len)
     return e
 
 
 def _algo_errors(a: AlgoConfig) -> list[str]:
-    e = _one_of("algo.name", a.name, ALGORITHMS)
+    e = _one_of("algo.name", a.name, tuple(ALGORITHMS))
     e += _one_of("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
-    e += _one_of("algo.loss_agg", a.loss_agg, AGG_MODES)
+    e += _one_of("algo.loss_agg", a.loss_agg, ("", *AGG_MODES))
+    e += _one_of("algo.off_policy_correction", a.off_policy_correction, ("auto", *OFF_POLICY_MODES))
+    e += _one_of("algo.off_policy_level", a.off_policy_level, OFF_POLICY_LEVELS)
+    if a.off_policy_cap <= 1:
+        e.append(f"algo.off_policy_cap: must be > 1, got {a.off_policy_cap}")
+    if a.clip_eps_high < 0:
+        e.append(f"algo.clip_eps_high: must be >= 0 (0 = clip_eps), got {a.clip_eps_high}")
+    if not a.kl_in_reward and a.kl_coef > 0 and a.kl_estimator not in KL_LOSS_ESTIMATORS:
+        e.append(
+            f"algo.kl_estimator: {a.kl_estimator} as a loss term (algo.kl_in_reward=false, algo.kl_coef > 0) has "
+            "the gradient grad log pi, zero in expectation: use k2 (grad KL(pi||ref)) or k3 (grad KL(ref||pi)), "
+            "or algo.kl_in_reward=true"
+        )
+    if a.name in ALGORITHMS:
+        spec = a.spec
+        if spec.single_pass and (a.epochs, a.minibatches) != (1, 1):
+            e.append(
+                f"algo.epochs/algo.minibatches: {a.name} has no importance ratio, so it trains one on-policy "
+                f"epoch of one minibatch; got {a.epochs}/{a.minibatches}"
+            )
+        if a.normalize_std is not None and spec.advantage != "group_norm":
+            e.append(f"algo.normalize_std: {a.name} has no group-normalised advantage ({spec.advantage})")
     if not 0.0 <= a.gamma <= 1.0:
         e.append(f"algo.gamma: must be in [0, 1], got {a.gamma}")
     if not 0.0 <= a.lam <= 1.0:
@@ -403,6 +487,8 @@ def _trainer_errors(t: TrainerConfig) -> list[str]:
         e.append(f"trainer.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
     if t.save_every < 0:
         e.append(f"trainer.save_every: must be >= 0, got {t.save_every}")
+    if t.eval_every < 0:
+        e.append(f"trainer.eval_every: must be >= 0, got {t.eval_every}")
     if t.total_steps < 0:
         e.append(f"trainer.total_steps: must be >= 0, got {t.total_steps}")
     if t.max_staleness < 0:
