@@ -24,6 +24,9 @@ class RolloutSample:
     weight_version: int  # policy weight version of the engine that generated it
     engine: str  # name of the engine that generated it
     finish_reason: str = ""  # "stop" | "length" | ...
+    token_versions: list[int] | None = None  # weight version of each token (None: all weight_version)
+    started: float = 0.0  # wall-clock (time.time) span of the generate call that made it
+    finished: float = 0.0
 
 
 @dataclass
@@ -36,7 +39,8 @@ class Experience:
     response_mask: torch.Tensor  # (B, A) float: 1 on generated tokens
     # --- from the rollout
     rollout_logprobs: torch.Tensor  # (B, A) float: vLLM's logprobs of the sampled tokens
-    weight_versions: torch.Tensor  # (B,) long: policy version that generated each row
+    weight_versions: torch.Tensor  # (B,) long: policy version that generated each row (its first token)
+    token_versions: torch.Tensor | None = None  # (B, A) long: version that generated each token (-1 on padding)
     # --- filled by the experience phase
     scores: torch.Tensor | None = None  # (B,) float: reward per sequence
     old_logprobs: torch.Tensor | None = None  # (B, A) policy logprobs before the update
@@ -82,6 +86,7 @@ def pad_samples(samples: list[RolloutSample], pad_id: int) -> Experience:
     attention_mask = torch.zeros((B, P + A), dtype=torch.long)
     response_mask = torch.zeros((B, A), dtype=torch.float32)
     rollout_logprobs = torch.zeros((B, A), dtype=torch.float32)
+    token_versions = torch.full((B, A), -1, dtype=torch.long)
     for i, s in enumerate(samples):
         p, a = len(s.prompt_ids), len(s.response_ids)
         sequences[i, P - p : P] = torch.tensor(s.prompt_ids)
@@ -89,12 +94,15 @@ def pad_samples(samples: list[RolloutSample], pad_id: int) -> Experience:
         attention_mask[i, P - p : P + a] = 1
         response_mask[i, :a] = 1.0
         rollout_logprobs[i, :a] = torch.tensor(s.logprobs, dtype=torch.float32)
+        token_versions[i, :a] = torch.tensor(s.token_versions if s.token_versions is not None
+                                             else [s.weight_version] * a, dtype=torch.long)
     return Experience(
         sequences=sequences,
         attention_mask=attention_mask,
         response_mask=response_mask,
         rollout_logprobs=rollout_logprobs,
         weight_versions=torch.tensor([s.weight_version for s in samples], dtype=torch.long),
+        token_versions=token_versions,
     )
 
 

@@ -106,6 +106,8 @@ class RolloutConfig:
     """fraction of GPU memory vLLM may take (GPU only)"""
     enforce_eager: bool = True
     """disable CUDA graphs / compilation (fast start)"""
+    chunk_tokens: int = 4
+    """with trainer.max_staleness > 0: tokens generated between points where new weights may load"""
 
 
 @dataclass
@@ -308,6 +310,8 @@ class TrainerConfig:
     max_restarts: int = 1
     """after a worker failure (e.g. a dead learner rank), rebuild every group and resume from
     the last checkpoint at most this many times; 0 = stop with the error naming the worker"""
+    max_staleness: int = 0
+    """0 = synchronous steps; k >= 1 = engines generate ahead, no trained token more than k versions old"""
     wandb: bool = False
     """also log metrics to Weights & Biases (needs `pip install wandb`; project from WANDB_PROJECT)"""
 
@@ -453,7 +457,7 @@ def _rollout_errors(r: RolloutConfig) -> list[str]:
         e.append(f"rollout.temperature: must be > 0, got {r.temperature}")
     if not 0 < r.top_p <= 1:
         e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
-    for key in ("num_engines", "tensor_parallel_size", "n_samples_per_prompt", "max_new_tokens"):
+    for key in ("num_engines", "tensor_parallel_size", "n_samples_per_prompt", "max_new_tokens", "chunk_tokens"):
         if getattr(r, key) < 1:
             e.append(f"rollout.{key}: must be >= 1, got {getattr(r, key)}")
     return e

@@ -1,13 +1,16 @@
 """Worker groups: where ``ray.remote`` is applied. Each group spawns its role's named workers
 into a placement group from the resource plan and offers typed methods that split a batch
-across its workers and gather the results in order. Every wait has a timeout, and an error
-names the worker it came from."""
+across its workers and gather the results in order (``submit_*`` methods return a ``Pending``
+so calls on different groups run concurrently). Every wait has a timeout, and an error names
+the worker it came from."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from typing import Any
 
 import ray
 import torch
@@ -15,38 +18,19 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.batch import Experience, RolloutSample
+from rlhf_ray.calls import Pending, WorkerError, wait, wait_all
 from rlhf_ray.placement import RolePlan
 from rlhf_ray.sync.buckets import TensorMeta
 
-
-class WorkerError(RuntimeError):
-    """A remote call failed or timed out; the message names the worker."""
-
-
-def wait(refs: list, workers: list, what: str, timeout_s: float) -> list:
-    """``ray.get`` of one ref per worker, in order. Fails as soon as any worker fails (its
-    peers may be blocked in a collective with it and would never answer), naming it; after
-    ``timeout_s`` names the workers that have not answered."""
-    name_of = {r: w for r, w in zip(refs, workers, strict=True)}
-    deadline = time.monotonic() + timeout_s
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
-        if not ready:
-            stuck = ", ".join(repr(name_of[r]) for r in pending)
-            raise WorkerError(f"{what}: no answer after {timeout_s:.0f}s from {stuck}")
-        try:
-            ray.get(ready[0])
-        except ray.exceptions.RayError as e:
-            raise WorkerError(f"{what} failed on {name_of[ready[0]]!r}: {e}") from e
-    return ray.get(list(refs))
+__all__ = ["Pending", "WorkerError", "wait", "wait_all"]  # re-exported: callers import them from here
 
 
 class Group:
     """Named workers of one role, one placement-group bundle each."""
 
     def __init__(self, plan: RolePlan, cls: type, kwargs_for, *, namespace: str, timeout_s: float,
-                 env: dict[str, str] | None = None, max_restarts: int = 0, max_task_retries: int = 0):
+                 env: dict[str, str] | None = None, max_restarts: int = 0, max_task_retries: int = 0,
+                 max_concurrency: int = 1):
         self.plan, self.timeout_s = plan, timeout_s
         self.spawned_at = time.monotonic()
         # No wait here: workers scheduled into the placement group start as soon as it is placed,
@@ -58,7 +42,7 @@ class Group:
         self.workers = [
             remote_cls.options(
                 name=name, namespace=namespace, num_cpus=plan.cpus, num_gpus=plan.gpus,
-                max_restarts=max_restarts, max_task_retries=max_task_retries,
+                max_restarts=max_restarts, max_task_retries=max_task_retries, max_concurrency=max_concurrency,
                 runtime_env={"env_vars": env or {}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(**kwargs_for(i, name))
@@ -70,6 +54,11 @@ class Group:
 
     def get(self, refs: list, what: str) -> list:
         return wait(refs, self.names[: len(refs)], f"{self.plan.role}.{what}", self.timeout_s)
+
+    def pending(self, refs: list, what: str, combine: Callable[[list], Any] | None = None,
+                names: list[str] | None = None) -> Pending:
+        return Pending(refs, names or self.names[: len(refs)], f"{self.plan.role}.{what}", self.timeout_s,
+                       combine or (lambda results: results))
 
     def ready(self) -> None:
         """Wait until the placement group is placed and every worker's constructor has finished."""
@@ -104,11 +93,19 @@ class RolloutGroup(Group):
                  n: int | None = None) -> list[RolloutSample]:
         """Split prompts across engines; samples come back in prompt order."""
         parts = chunks(len(prompt_ids), len(self.workers))
-        refs = [
-            w.generate.remote(prompt_ids[s], list(range(s.start, s.stop)), seed=seed, min_version=min_version, n=n)
-            for w, s in zip(self.workers, parts, strict=True)
-        ]
-        return [sample for part in self.get(refs, "generate") for sample in part]
+        pending = [self.submit_generate(i, prompt_ids[s], list(range(s.start, s.stop)), seed=seed,
+                                        min_version=min_version, n=n) for i, s in enumerate(parts)]
+        return [sample for p in pending for sample in p.result()]
+
+    def submit_generate(self, engine: int, prompt_ids: list[list[int]], prompt_indices: list[int], *, seed: int,
+                        min_version: int, n: int | None = None, chunk_tokens: int = 0, wait_s: float = 0.0) -> Pending:
+        """One engine's share; ``wait_s > 0`` lets the engine wait that long for ``min_version``."""
+        ref = self.workers[engine].generate.remote(prompt_ids, prompt_indices, seed=seed, min_version=min_version,
+                                                   n=n, chunk_tokens=chunk_tokens, wait_s=wait_s)
+        return self.pending([ref], "generate", lambda r: r[0], names=[self.names[engine]])
+
+    def busy_seconds(self) -> list[float]:
+        return self.get([w.busy_seconds.remote() for w in self.workers], "busy_seconds")
 
     def versions(self, timeout_s: float | None = None) -> list[int]:
         refs = [w.weight_version.remote() for w in self.workers]
@@ -118,27 +115,44 @@ class RolloutGroup(Group):
         return [w.init_weight_group.remote(host, port, 1 + i * tp, 1 + len(self.workers) * tp)
                 for i, w in enumerate(self.workers)]
 
-    def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None) -> list:
-        return [w.receive_weights.remote(plan, version, refs) for w in self.workers]
+    def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None,
+                        check: list[list[int]] | None = None) -> list:
+        """Every engine loads ``version``; each answers ``(version, logprobs of check)``."""
+        return [w.receive_weights.remote(plan, version, refs, check) for w in self.workers]
 
     def score_tokens(self, sequences: list[list[int]]) -> list[list[list[float]]]:
         """Every engine's logprobs of the same sequences (the post-sync spot check)."""
         return self.get([w.score_tokens.remote(sequences) for w in self.workers], "score_tokens")
 
 
+def _merge_scores(results: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    return {k: [x for r in results for x in r[k]] for k in results[0]}
+
+
 class RewardGroup(Group):
     def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
-        parts = chunks(len(prompts), len(self.workers))
-        refs = [w.score.remote(prompts[s], completions[s]) for w, s in zip(self.workers, parts, strict=True)]
-        results = self.get(refs, "score")
-        return {k: [x for r in results for x in r[k]] for k in results[0]}
+        return self.submit_score(prompts, completions).result()
+
+    def submit_score(self, prompts: list[str], completions: list[str]) -> Pending:
+        """Score across the reward workers; ``result()`` is ``{"reward": [...], ...}`` in order."""
+        parts = [s for s in chunks(len(prompts), len(self.workers)) if s.stop > s.start] or [slice(0, 0)]
+        refs = [w.score.remote(prompts[s], completions[s]) for w, s in zip(self.workers, parts, strict=False)]
+        return self.pending(refs, "score", _merge_scores)
 
 
 class ReferenceGroup(Group):
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
+        return self.submit_logprobs(exp).result()
+
+    def submit_logprobs(self, exp: Experience) -> Pending:
         parts = chunks(len(exp), len(self.workers))
         refs = [w.compute_logprobs.remote(exp.select(s)) for w, s in zip(self.workers, parts, strict=True)]
-        return torch.cat(self.get(refs, "compute_logprobs"))
+        return self.pending(refs, "compute_logprobs", torch.cat)
+
+
+def mean_of(results: list[dict[str, float]]) -> dict[str, float]:
+    """Metrics averaged over the ranks of a DeepSpeed group."""
+    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
 
 def start_all(groups: list[Group]) -> dict[str, float]:
@@ -169,8 +183,7 @@ class DeepSpeedGroup(Group):
         self.get([w.init.remote(host, port) for w in self.workers], "init")
 
     def mean_metrics(self, refs: list, what: str) -> dict[str, float]:
-        results = self.get(refs, what)
-        return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+        return mean_of(self.get(refs, what))
 
     def save_hf(self, path: str) -> None:
         self.get([w.save_hf.remote(path) for w in self.workers], "save_hf")
@@ -187,17 +200,24 @@ class DeepSpeedGroup(Group):
 
 class PolicyGroup(DeepSpeedGroup):
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
+        return self.submit_logprobs(exp).result()
+
+    def submit_logprobs(self, exp: Experience) -> Pending:
         shards = exp.split(len(self.workers))
-        return torch.cat(self.get([w.compute_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)],
-                                  "compute_logprobs"))
+        refs = [w.compute_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)]
+        return self.pending(refs, "compute_logprobs", torch.cat)
 
     def compute_logprobs_replicated(self, exp: Experience) -> torch.Tensor:
         """Every rank computes the same small batch (any size; ZeRO-3 needs all ranks)."""
         return self.get([w.compute_logprobs.remote(exp) for w in self.workers], "compute_logprobs")[0]
 
     def update(self, exp: Experience, kl_coef: float) -> dict[str, float]:
+        return self.submit_update(exp, kl_coef).result()
+
+    def submit_update(self, exp: Experience, kl_coef: float) -> Pending:
         shards = exp.split(len(self.workers))
-        return self.mean_metrics([w.update.remote(s, kl_coef) for w, s in zip(self.workers, shards, strict=True)], "update")
+        refs = [w.update.remote(s, kl_coef) for w, s in zip(self.workers, shards, strict=True)]
+        return self.pending(refs, "update", mean_of)
 
     def weight_manifest(self) -> list[TensorMeta]:
         return self.get([self.workers[0].weight_manifest.remote()], "weight_manifest")[0]
@@ -214,10 +234,16 @@ class PolicyGroup(DeepSpeedGroup):
 
 class CriticGroup(DeepSpeedGroup):
     def compute_values(self, exp: Experience) -> torch.Tensor:
+        return self.submit_values(exp).result()
+
+    def submit_values(self, exp: Experience) -> Pending:
         shards = exp.split(len(self.workers))
-        return torch.cat(self.get([w.compute_values.remote(s) for w, s in zip(self.workers, shards, strict=True)],
-                                  "compute_values"))
+        refs = [w.compute_values.remote(s) for w, s in zip(self.workers, shards, strict=True)]
+        return self.pending(refs, "compute_values", torch.cat)
 
     def update(self, exp: Experience) -> dict[str, float]:
+        return self.submit_update(exp).result()
+
+    def submit_update(self, exp: Experience) -> Pending:
         shards = exp.split(len(self.workers))
-        return self.mean_metrics([w.update.remote(s) for w, s in zip(self.workers, shards, strict=True)], "update")
+        return self.pending([w.update.remote(s) for w, s in zip(self.workers, shards, strict=True)], "update", mean_of)

@@ -18,6 +18,8 @@ RAY_GAUGE_KEYS = (
     "step", "reward/mean", "reward/gold", "kl/mean", "policy/loss", "critic/loss",
     "rollout/weight_version", "rollout/tokens_per_s", "rollout/samples", "rollout/tokens",
     "timing/step", "sync/seconds",
+    # actor-learner (trainer.max_staleness): who is busy, how full the pipeline is, how old the data
+    "rollout/busy_fraction", "learner/busy_fraction", "rollout/buffer_fill", "rollout/staleness_mean", "rollout/staleness_max", "rollout/dropped_samples",
 )
 # Every ``timing/<phase>`` key also goes to ``ray_rlhf_phase_seconds{phase=<phase>}``, and
 # ``rollout/weight_version/<engine>`` keys (one per engine, as reported after a sync) to
@@ -38,20 +40,10 @@ def timed(timings: dict[str, float], phase: str):
 
 
 def set_samples_in_flight(n: int) -> None:
-    """Samples being generated right now (the driver sets it around the rollout phase);
-    a no-op unless a ``MetricsLogger`` with Ray gauges is open."""
+    """Samples being generated right now (the rollout stream sets it as batches are submitted
+    and come back); a no-op unless a ``MetricsLogger`` with Ray gauges is open."""
     if _active_gauges is not None:
         _active_gauges.in_flight.set(n, tags=DRIVER)
-
-
-@contextmanager
-def samples_in_flight(n: int):
-    """``ray_rlhf_samples_in_flight`` is ``n`` inside the block, 0 after it."""
-    set_samples_in_flight(n)
-    try:
-        yield
-    finally:
-        set_samples_in_flight(0)
 
 
 class RayGauges:

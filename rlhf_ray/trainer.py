@@ -1,7 +1,12 @@
-"""The single controller. ``step()`` is the table of contents of one synchronous RL step:
+"""The single controller. ``step()`` is the table of contents of one RL step:
 
 1. sample prompts  2. rollout  3. experience (rewards, old/ref logprobs, values)
 4. advantages  5. update (policy, critic)  6. sync weights to the engines (+ checks)  7. metrics
+
+``trainer.max_staleness = 0`` runs the phases one after the other. With ``k >= 1`` the same
+loop keeps up to ``k + 1`` batches in flight (``RolloutStream``): the engines generate the next
+batches while the learner trains, new weights load between generation chunks, and the
+``VersionLedger`` bounds every trained token's staleness by ``k``.
 
 Everything heavy runs in the worker groups; the trainer holds only the run's small state
 (step, weight version, prompt position, KL coefficient, reward statistics), which it saves in
@@ -15,6 +20,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,14 +29,15 @@ import torch
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.algo import AdaptiveKLController, FixedKLController
 from rlhf_ray.algo.overoptimization import proxy_gold_divergence
-from rlhf_ray.batch import Experience, RolloutSample, pad_samples
+from rlhf_ray.batch import Experience, pad_samples
 from rlhf_ray.config import Config, config_hash, redacted
 from rlhf_ray.data.datasets import DataError, tokenize_prompts_with_index
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.experience import RunningMoments, compute_advantages, prepare_scores
 from rlhf_ray.faults import maybe_fail
 from rlhf_ray.groups import WorkerError
-from rlhf_ray.metrics import MetricsLogger, samples_in_flight, timed
+from rlhf_ray.metrics import MetricsLogger, timed
+from rlhf_ray.rollout_stream import RolloutStream
 from rlhf_ray.runtime import Groups
 from rlhf_ray.sync.coordinator import WeightSync
 
@@ -68,6 +75,14 @@ class Trainer:
         self.sync = WeightSync(groups.policy, groups.rollout, cfg.sync, timeout_s=cfg.cluster.call_timeout_s,
                                tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                                pad_id=tokenizer.pad_token_id)
+        t = cfg.trainer
+        self.stream = RolloutStream(groups.rollout, groups.reward, self.sync, tokenizer, prompts, prompt_ids,
+                                    samples_per_prompt=cfg.rollout.n_samples_per_prompt, max_staleness=t.max_staleness,
+                                    chunk_tokens=cfg.rollout.chunk_tokens, max_repairs=t.max_engine_repairs,
+                                    wait_s=cfg.cluster.call_timeout_s)
+        self.reissue: list[dict] = []  # in-flight batches of the checkpoint resumed from
+        self.update_spans: deque[tuple[float, float]] = deque(maxlen=8)  # wall-clock learner updates
+        self.busy_mark: tuple[float, list[float]] | None = None  # (time, each engine's busy seconds) last step
         self.stop_requested = False
 
     # ------------------------------------------------------------------ the loop
@@ -98,6 +113,7 @@ class Trainer:
                         break
             finally:
                 logger.close()
+        self._finish_push()  # the last in-flight push (max_staleness > 0): engines report it
         if self.step_index < self.cfg.trainer.total_steps:  # stopped early: checkpoint, no final model
             if not ckpt.is_complete(ckpt.step_dir(self.checkpoint_root, self.step_index)):
                 self.save_checkpoint()
@@ -108,75 +124,132 @@ class Trainer:
     def step(self) -> dict[str, float]:
         c, t = self.cfg, {}
         start = time.perf_counter()
-        # 1. sample prompts
-        indices = self.sampler.next_batch()
-        prompts = [self.prompts[i] for i in indices]
-        # 2. rollout: every engine must hold the current weights (restarted engines are repaired)
-        with timed(t, "rollout"), samples_in_flight(len(indices) * c.rollout.n_samples_per_prompt):
-            samples = self._rollout([self.prompt_ids[i] for i in indices],
-                                    seed=c.seed * 1_000_003 + self.step_index * 10_007)
+        # 1. sample prompts: keep max_staleness + 1 batches in flight (1 = synchronous)
+        fill = self._fill_buffer()
+        # 2. rollout: the oldest batch, its shares scored as they arrived (restarted engines repaired)
+        with timed(t, "rollout"):
+            batch = self.stream.take()
+        t["timing/reward"] = batch.reward_wait_s
+        t["timing/rollout"] -= batch.reward_wait_s
+        samples = batch.samples
         exp = pad_samples(samples, self.tokenizer.pad_token_id)
-        sample_prompts = [prompts[s.prompt_index] for s in samples]
-        completions = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        # 3. experience: rewards, then old/ref logprobs and values
-        with timed(t, "reward"):
-            scored = self.g.reward.score(sample_prompts, completions)
-            scores, valid, m = prepare_scores(scored["reward"], c.reward, self.moments, sample_prompts)
-        if "gold" in scored:
-            m["reward/gold"] = float(torch.tensor(scored["gold"]).nanmean())
+        # 3. experience: rewards, then old/ref logprobs and values, concurrently
+        scores, valid, m = prepare_scores(batch.scored["reward"], c.reward, self.moments, batch.prompts)
+        if "gold" in batch.scored:
+            m["reward/gold"] = float(torch.tensor(batch.scored["gold"]).nanmean())
         if m["reward/nonfinite"] and c.reward.nan_policy == "skip_step":
             log.warning("step %d skipped: %d non-finite rewards", self.step_index + 1, m["reward/nonfinite"])
             self.step_index += 1
             return {**m, **t, "trainer/skipped": 1.0}
+        valid, m_stale = self._staleness(exp, valid)
         with timed(t, "experience"):
             exp = self._experience(replace(exp, scores=scores, valid=valid))
         # 4. advantages
         with timed(t, "advantages"):
             exp, adv_metrics = compute_advantages(exp, c.algo, self.kl_ctl.value, c.rollout.n_samples_per_prompt)
-        # 5. update
+        # 5. update: policy and critic at once
         with timed(t, "update"):
-            m.update(self.g.policy.update(exp, self.kl_ctl.value))
-            if self.g.critic is not None:
-                m.update(self.g.critic.update(exp))
+            span = time.time()
+            critic = self.g.critic.submit_update(exp) if self.g.critic is not None else None
+            for r in self.stream.wait([self.g.policy.submit_update(exp, self.kl_ctl.value), critic]):
+                m.update(r or {})
+            self.update_spans.append((span, time.time()))
         self.kl_ctl.update(adv_metrics["kl/mean"], len(exp))
-        # 6. sync: learner -> engines as the next version; every engine must report it
+        # 6. sync: learner -> engines as the next version; every engine must report it (with
+        # max_staleness > 0 the push completes while the engines generate; checked before the next)
         with timed(t, "sync"):
-            m.update(self.sync.push(self.weight_version + 1))
+            check = samples[: c.sync.check_samples]
+            if self.stream.asynchronous:
+                m.update(self._finish_push())
+                self.sync.start(self.weight_version + 1, check)
+            else:
+                m.update(self.sync.push(self.weight_version + 1, check))
             self.weight_version += 1
-            m["sync/check_logprob_diff"] = self.sync.spot_check(samples[: c.sync.check_samples])
         # 7. metrics
         self.step_index += 1
         tokens = float(exp.response_mask.sum())
-        m.update(adv_metrics, **t)
+        m.update(adv_metrics, **t, **m_stale, **self._busy(t, start, fill, samples))
+        step_s = time.perf_counter() - start
+        # synchronous: generation speed; asynchronous (generation hidden behind the learner): tokens per step second
+        per_s = step_s if self.stream.asynchronous else t["timing/rollout"]
         m.update({
             "rollout/samples": float(len(samples)), "rollout/tokens": tokens,
             "rollout/prompt_tokens": float(sum(len(s.prompt_ids) for s in samples)),
-            "rollout/tokens_per_s": tokens / max(t["timing/rollout"], 1e-9),
-            "rollout/behavior_logprob_diff": self._rollout_vs_learner(exp),
-            "timing/step": time.perf_counter() - start,
+            "rollout/tokens_per_s": tokens / max(per_s, 1e-9),
+            "rollout/prompt_indices": batch.indices,
+            "timing/step": step_s,
         })
+        if exp.old_logprobs is not None:
+            m["rollout/behavior_logprob_diff"] = self._rollout_vs_learner(exp)
         return m
 
     # ------------------------------------------------------------------ phases
-    def _rollout(self, prompt_ids: list[list[int]], seed: int) -> list[RolloutSample]:
-        """Generate; if an engine died (Ray restarts it with the initial weights), bring every
-        engine back to the current version and generate again. Per-prompt seeds make the
-        retry produce the same samples: none lost, none duplicated."""
-        for attempt in range(self.cfg.trainer.max_engine_repairs + 1):
-            try:
-                return self.g.rollout.generate(prompt_ids, seed=seed, min_version=self.weight_version)
-            except WorkerError as e:
-                if attempt == self.cfg.trainer.max_engine_repairs:
-                    raise
-                log.warning("rollout failed (%s); repairing engines", e)
-                self.sync.repair(self.weight_version)
-        raise AssertionError("unreachable")
+    def _fill_buffer(self) -> float:
+        """Submit batches until ``max_staleness + 1`` are in flight (checkpointed ones first);
+        returns the buffer's fill before the oldest is taken."""
+        while self.stream.buffer.has_room():
+            step = self.step_index + len(self.stream.buffer)  # the step that will train on it
+            if self.reissue:
+                b = self.reissue.pop(0)
+                self.stream.submit(b["indices"], b["seed"], self.weight_version, b["min_version"])
+            else:
+                self.stream.submit(self.sampler.next_batch(), self.cfg.seed * 1_000_003 + step * 10_007,
+                                   self.weight_version)
+        return self.stream.buffer.fill()
+
+    def _finish_push(self) -> dict[str, float]:
+        """The previous in-flight push; an engine that died meanwhile gets the next push once
+        Ray restarted it, and its lost share is re-issued when the batch is taken."""
+        try:
+            return self.sync.finish()
+        except WorkerError as e:
+            log.warning("weight push failed on a dead engine (%s); it is repaired with the next batch", e)
+            return {}
+
+    def _staleness(self, exp: Experience, valid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-token staleness against the weights this update starts from; rows beyond the
+        bound (none, unless throttling failed) are dropped and counted."""
+        ledger = self.stream.ledger
+        s = ledger.staleness(exp.token_versions, exp.response_mask, self.weight_version)
+        beyond = ledger.rows_beyond(exp.token_versions, exp.response_mask, self.weight_version)
+        if beyond.any():
+            log.warning("%d samples older than trainer.max_staleness=%d dropped", int(beyond.sum()),
+                        ledger.max_staleness)
+        return valid * ~beyond, {"rollout/staleness_mean": s.mean, "rollout/staleness_max": float(s.max),
+                                 "rollout/dropped_samples": float(beyond.sum())}
+
+    def _single_on_policy_pass(self, exp: Experience) -> bool:
+        """The update's own first forward gives the old logprobs (one epoch, one minibatch,
+        every token generated by the current weights): computing them first is redundant."""
+        on_policy = bool((exp.token_versions[exp.response_mask.bool()] == self.weight_version).all())
+        return self.cfg.algo.schedule == (1, 1) and on_policy
 
     def _experience(self, exp: Experience) -> Experience:
-        old = self.g.policy.compute_logprobs(exp)
-        ref = self.g.reference.compute_logprobs(exp)
-        values = self.g.critic.compute_values(exp) if self.g.critic is not None else None
+        old = None if self._single_on_policy_pass(exp) else self.g.policy.submit_logprobs(exp)
+        ref = self.g.reference.submit_logprobs(exp)
+        values = self.g.critic.submit_values(exp) if self.g.critic is not None else None
+        old, ref, values = self.stream.wait([old, ref, values])
         return replace(exp, old_logprobs=old, ref_logprobs=ref, values=values)
+
+    def _busy(self, t: dict[str, float], start: float, fill: float, samples: list) -> dict[str, float]:
+        """Dashboard numbers of this step: engines' and learner's busy fractions, buffer fill,
+        samples in flight, and the seconds of generation that overlapped learner updates."""
+        now = time.perf_counter()
+        out = {"rollout/buffer_fill": fill, "rollout/samples_in_flight": float(self.stream.samples_in_flight()),
+               "learner/busy_fraction": (t["timing/experience"] + t["timing/update"]) / max(now - start, 1e-9)}
+        try:
+            busy = self.g.rollout.busy_seconds()
+        except WorkerError:  # an engine is restarting: no busy fraction this step
+            busy = None
+        if busy is not None and self.busy_mark is not None:
+            # a restarted engine counts from zero again
+            gained = sum(b - a if b >= a else b for a, b in zip(self.busy_mark[1], busy, strict=True))
+            out["rollout/busy_fraction"] = gained / max((now - self.busy_mark[0]) * len(busy), 1e-9)
+        self.busy_mark = (now, busy) if busy is not None else None
+        spans = {(s.engine, s.started, s.finished) for s in samples}
+        out["rollout/overlap_s"] = sum(max(0.0, min(f, u1) - max(s0, u0)) for _, s0, f in spans
+                                       for u0, u1 in self.update_spans)
+        return out
 
     @staticmethod
     def _rollout_vs_learner(exp: Experience) -> float:
@@ -211,6 +284,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step_index, "weight_version": self.weight_version, "sampler": self.sampler.state_dict(),
                 "kl_controller": self.kl_ctl.state_dict(), "config_hash": config_hash(self.cfg),
+                "in_flight": self.stream.in_flight(),
                 "reward_moments": self.moments.state_dict() if self.moments else None,
                 "nonfinite_streak": self.nonfinite_streak}
 
@@ -242,6 +316,7 @@ class Trainer:
         self.step_index, self.weight_version = state["step"], state["weight_version"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.sampler.load_state_dict(state["sampler"])
+        self.reissue = list(state.get("in_flight", []))  # generated again, from the resumed weights
         self.kl_ctl.load_state_dict(state["kl_controller"])
         if self.moments is not None and state["reward_moments"]:
             self.moments.load_state_dict(state["reward_moments"])

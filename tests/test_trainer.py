@@ -20,6 +20,7 @@ import pytest
 
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.batch import RolloutSample
+from rlhf_ray.calls import Ready
 from rlhf_ray.groups import WorkerError
 from rlhf_ray.models.tokenizer import build_char_tokenizer
 from rlhf_ray.runtime import Groups
@@ -31,13 +32,24 @@ RESPONSE_LEN = 3
 PROMPTS = [f"rev {w}=" for w in ("abc", "de", "fgh", "ij", "klm", "nop", "qr", "stu")]
 
 
+class Failed(Ready):
+    """A submitted call that failed like a crashed worker."""
+
+    def __init__(self, error):
+        super().__init__(None)
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+
 class FakeRollout:
     """Two engines. ``fail_next`` makes the next generate die like a crashed engine: Ray restarts
     it holding the initial weights (v0), and the call raises ``WorkerError``."""
 
     def __init__(self, n_samples: int):
         self.names = ["rollout-0", "rollout-1"]
-        self.workers = list(self.names)
+        self.workers = [self]  # one share per batch: this stand-in answers for both engines
         self.n_samples, self.fail_next = n_samples, 0
         self.held = dict.fromkeys(self.names, 0)
         self.returned: list[list[RolloutSample]] = []  # what each successful generate returned
@@ -64,12 +76,22 @@ class FakeRollout:
         self.returned.append(samples)
         return samples
 
+    def submit_generate(self, engine, prompt_ids, prompt_indices, *, seed, min_version, n=None, chunk_tokens=0,
+                        wait_s=0.0):
+        try:
+            return Ready(self.generate(prompt_ids, seed=seed, min_version=min_version, n=n))
+        except WorkerError as e:
+            return Failed(e)
+
+    def busy_seconds(self):
+        return [0.0]
+
     def versions(self, timeout_s=None):
         return list(self.held.values())
 
-    def receive_weights(self, plan, version, refs):
+    def receive_weights(self, plan, version, refs, check=None):
         self.held = dict.fromkeys(self.names, version)
-        return [version] * len(self.names)
+        return [(version, [[-1.5] * (len(s) - 1) for s in check or []]) for _ in self.names]
 
     def get(self, refs, what):
         return refs
@@ -85,6 +107,9 @@ class FakeReward:
         self.script = script or (lambda call, texts: [float(sum(map(ord, t)) % 7) / 7 for t in texts])
         self.calls = 0
 
+    def submit_score(self, prompts, completions):
+        return Ready(self.score(prompts, completions))
+
     def score(self, prompts, completions):
         rewards = self.script(self.calls, completions)
         self.calls += 1
@@ -94,6 +119,9 @@ class FakeReward:
 class FakeReference:
     def __init__(self, kl_per_token: float = 0.0):
         self.kl_per_token = kl_per_token
+
+    def submit_logprobs(self, exp):
+        return Ready(self.compute_logprobs(exp))
 
     def compute_logprobs(self, exp):
         return (exp.rollout_logprobs - self.kl_per_token) * exp.response_mask
@@ -121,6 +149,12 @@ class FakePolicy:
         return exp.rollout_logprobs.clone()
 
     compute_logprobs_replicated = compute_logprobs
+
+    def submit_logprobs(self, exp):
+        return Ready(self.compute_logprobs(exp))
+
+    def submit_update(self, exp, kl_coef):
+        return Ready(self.update(exp, kl_coef))
 
     def update(self, exp, kl_coef):
         skipped = self.nonfinite[len(self.updates)] if len(self.updates) < len(self.nonfinite) else 0

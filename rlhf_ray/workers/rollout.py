@@ -5,11 +5,22 @@ the group) so weights can be loaded into it directly; with tensor parallelism vL
 own workers and the weight-sync extension runs in each of them. Every sample carries the
 ``weight_version`` of the engine that made it, and an engine refuses to generate from weights
 older than the trainer asks for.
+
+In-flight weight updates (``trainer.max_staleness > 0``): the worker is a threaded Ray actor
+(``max_concurrency > 1``, set by the group) so ``receive_weights`` is accepted while a
+``generate`` call runs. vLLM's offline ``LLM.generate`` blocks until every request finishes, so
+an asynchronous generate runs in chunks of ``chunk_tokens``: between chunks the unfinished
+completions are resubmitted with their generated prefix as the prompt (abort + resubmit of the
+unfinished prefix), and a pending weight load runs there, whole, under the engine lock, so no
+chunk ever sees a partly loaded set of buckets. Each token records the weight version of the
+chunk that produced it. ``chunk_tokens = 0`` (the synchronous step) is one plain call.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 from rlhf_ray.batch import RolloutSample
 from rlhf_ray.config import RolloutConfig
@@ -58,6 +69,13 @@ class RolloutWorker:
             **extra,
         )
         self.version = weight_version
+        # One lock around every use of the engine; ``_loads_waiting`` makes chunks yield to a
+        # pending weight load, ``_versions`` wakes generate calls that wait for new weights.
+        self._engine_lock = threading.Lock()
+        self._generate_lock = threading.Lock()  # one generate call at a time, in arrival order
+        self._versions = threading.Condition()
+        self._loads_waiting = 0
+        self.busy_s = 0.0
 
     def __repr__(self) -> str:
         return f"RolloutWorker({self.name})"
@@ -65,41 +83,99 @@ class RolloutWorker:
     def weight_version(self) -> int:
         return self.version
 
-    def generate(
-        self, prompt_ids: list[list[int]], prompt_indices: list[int], *, seed: int, min_version: int,
-        n: int | None = None,
-    ) -> list[RolloutSample]:
-        """``n`` (default ``n_samples_per_prompt``) completions of each prompt, contiguous."""
+    def busy_seconds(self) -> float:
+        """Seconds spent generating since the worker started (the dashboard's busy fraction)."""
+        return self.busy_s
+
+    def _wait_for_version(self, min_version: int, wait_s: float) -> None:
+        """Throttle: block until weights ``>= min_version`` are loaded (``wait_s = 0``: fail at once)."""
+        with self._versions:
+            if not self._versions.wait_for(lambda: self.version >= min_version, timeout=wait_s):
+                raise StaleWeightsError(f"{self.name} holds weights v{self.version}, trainer is at v{min_version}")
+
+    def _params(self, n: int, seed: int, max_tokens: int):
         from vllm import SamplingParams
 
-        if self.version < min_version:
-            raise StaleWeightsError(f"{self.name} holds weights v{self.version}, trainer is at v{min_version}")
-        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        params = [
-            SamplingParams(
-                n=n or self.cfg.n_samples_per_prompt,
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
-                max_tokens=self.cfg.max_new_tokens,
-                logprobs=0,
-                seed=seed + i,
-            )
-            for i in prompt_indices
-        ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=max_tokens,
+                              logprobs=0, seed=seed)
+
+    def _run(self, requests: list[dict], params: list) -> tuple[list, int]:
+        """One ``LLM.generate`` under the engine lock, after any pending weight load; returns
+        the outputs and the version of the weights that produced them."""
+        while self._loads_waiting:
+            time.sleep(0.001)
+        with self._engine_lock:
+            start = time.perf_counter()
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            self.busy_s += time.perf_counter() - start
+            return outputs, self.version
+
+    def generate(
+        self, prompt_ids: list[list[int]], prompt_indices: list[int], *, seed: int, min_version: int,
+        n: int | None = None, chunk_tokens: int = 0, wait_s: float = 0.0,
+    ) -> list[RolloutSample]:
+        """``n`` (default ``n_samples_per_prompt``) completions of each prompt, contiguous, from
+        weights ``>= min_version`` (waiting up to ``wait_s`` for them); ``chunk_tokens > 0``
+        lets new weights load between chunks of that many tokens."""
+        n = n or self.cfg.n_samples_per_prompt
+        # wait for the weights outside the generate lock: an earlier batch (which asks for older
+        # weights) must be able to run meanwhile, or the learner would never produce them
+        self._wait_for_version(min_version, wait_s)
+        with self._generate_lock:
+            started = time.time()
+            if chunk_tokens <= 0 or chunk_tokens >= self.cfg.max_new_tokens:
+                samples = self._generate_whole(prompt_ids, prompt_indices, seed, n)
+            else:
+                samples = self._generate_chunked(prompt_ids, prompt_indices, seed, n, chunk_tokens)
         maybe_fail(self.name, "generate")
+        for s in samples:
+            s.started, s.finished = started, time.time()
+        return samples
+
+    def _generate_whole(self, prompt_ids, prompt_indices, seed: int, n: int) -> list[RolloutSample]:
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        params = [self._params(n, seed + i, self.cfg.max_new_tokens) for i in prompt_indices]
+        outputs, version = self._run(requests, params)
         samples = []
         for out, index, ids in zip(outputs, prompt_indices, prompt_ids, strict=True):
             for c in out.outputs:
                 token_ids = list(c.token_ids)
                 logprobs = [lp[t].logprob for lp, t in zip(c.logprobs, token_ids, strict=True)]
-                samples.append(
-                    RolloutSample(index, list(ids), token_ids, logprobs, self.version, self.name, str(c.finish_reason))
-                )
+                samples.append(RolloutSample(index, list(ids), token_ids, logprobs, version, self.name,
+                                             str(c.finish_reason), [version] * len(token_ids)))
+        return samples
+
+    def _generate_chunked(self, prompt_ids, prompt_indices, seed: int, n: int, chunk: int) -> list[RolloutSample]:
+        """Every completion is its own request; unfinished ones are resubmitted with their
+        prefix after each chunk, so a weight load between chunks reaches them mid-sequence."""
+        samples = [RolloutSample(index, list(ids), [], [], -1, self.name, "", [])
+                   for index, ids in zip(prompt_indices, prompt_ids, strict=True) for _ in range(n)]
+        seeds = [seed + index * 1_000 + j for index in prompt_indices for j in range(n)]
+        for round_ in range(0, self.cfg.max_new_tokens, chunk):
+            todo = [i for i, s in enumerate(samples) if not s.finish_reason]
+            if not todo:
+                break
+            left = self.cfg.max_new_tokens - round_
+            requests = [{"prompt_token_ids": samples[i].prompt_ids + samples[i].response_ids} for i in todo]
+            outputs, version = self._run(requests, [self._params(1, seeds[i] + round_, min(chunk, left)) for i in todo])
+            for i, out in zip(todo, outputs, strict=True):
+                c, s = out.outputs[0], samples[i]
+                token_ids = list(c.token_ids)
+                s.response_ids += token_ids
+                s.logprobs += [lp[t].logprob for lp, t in zip(c.logprobs, token_ids, strict=True)]
+                s.token_versions += [version] * len(token_ids)
+                if s.weight_version < 0:
+                    s.weight_version = version
+                if str(c.finish_reason) != "length" or len(s.response_ids) >= self.cfg.max_new_tokens:
+                    s.finish_reason = str(c.finish_reason)
         return samples
 
     def score_tokens(self, sequences: list[list[int]]) -> list[list[float]]:
         """vLLM's logprob of every token after the first of each sequence (the spot check)."""
+        with self._engine_lock:
+            return self._score_tokens(sequences)
+
+    def _score_tokens(self, sequences: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=self.cfg.temperature)
@@ -110,11 +186,25 @@ class RolloutWorker:
         ]
 
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        self.llm.collective_rpc("rlhf_init_weight_group", args=(host, port, rank_offset, world_size))
+        with self._engine_lock:
+            self.llm.collective_rpc("rlhf_init_weight_group", args=(host, port, rank_offset, world_size))
 
-    def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None = None) -> int:
-        """Load new weights (streamed by the learner) and take their version."""
-        self.llm.collective_rpc("rlhf_receive_weights", args=(plan, refs))
-        self.llm.reset_prefix_cache()
-        self.version = version
-        return self.version
+    def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None = None,
+                        check: list[list[int]] | None = None) -> tuple[int, list[list[float]]]:
+        """Load new weights (streamed by the learner) and take their version: all buckets
+        under the engine lock, between two chunks of any running generate call. Returns the
+        version and, for the spot check, the new weights' logprobs of the ``check`` sequences."""
+        with self._versions:
+            self._loads_waiting += 1  # the next chunk waits for this load
+        try:
+            with self._engine_lock:
+                self.llm.collective_rpc("rlhf_receive_weights", args=(plan, refs))
+                self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+                scored = self._score_tokens(check) if check else []
+                with self._versions:
+                    self.version = version
+                    self._versions.notify_all()
+        finally:
+            with self._versions:
+                self._loads_waiting -= 1
+        return self.version, scored

@@ -32,6 +32,9 @@ STEP = {
     "rollout/tokens": 640.0, "sync/seconds": 0.05, "timing/step": 9.5, "timing/rollout": 4.0,
     "timing/reward": 0.5, "timing/experience": 1.0, "timing/advantages": 0.01, "timing/update": 3.0,
     "timing/sync": 0.9, "rollout/weight_version/rollout-0": 3.0, "rollout/weight_version/rollout-1": 3.0,
+    "rollout/busy_fraction": 0.8, "learner/busy_fraction": 0.7, "rollout/buffer_fill": 1.0,
+"rollout/staleness_mean": 0.5, "rollout/staleness_max": 1.0,
+    "rollout/dropped_samples": 0.0,
 }
 
 CHILD = """
@@ -101,6 +104,8 @@ def test_rl_gauges_on_prometheus_endpoint():
     assert value("ray_rlhf_phase_seconds", phase="update") == pytest.approx(3.0)
     assert value("ray_rlhf_engine_weight_version", engine="rollout-1") == 3
     assert value("ray_rlhf_samples_in_flight") == 48
+    assert value("ray_rlhf_rollout_busy_fraction") == pytest.approx(0.8)
+    assert value("ray_rlhf_rollout_staleness_max") == 1
 
     # every series the Grafana dashboard charts is exported
     queried = set(re.findall(r"ray_rlhf_[a-z_]+", DASHBOARD.read_text()))

@@ -93,3 +93,28 @@ def test_nonfinite_gradient_skips_the_step_on_every_rank(ray_cluster, tiny):
         assert metrics["policy/nonfinite_steps"] == 1.0
     finally:
         group.shutdown()
+
+
+@pytest.mark.e2e
+def test_skipped_old_logprob_pass_gives_the_same_update(ray_cluster, tiny, tmp_path):
+    """One epoch, one minibatch, on-policy: ``old_logprobs=None`` (the loss takes its own
+    detached forward as the old policy) updates exactly as computing the old-logprob pass."""
+    cfg = LearnerConfig(num_ranks=2, zero_stage=2, micro_batch_size=2, lr=1e-2)
+    group = two_policy_ranks(cfg, tiny, gradient_accumulation_steps=2, total_optimizer_steps=4)
+    try:
+        group.save_checkpoint(str(tmp_path / "start"))
+        start = group.checksum()
+        exp = experience()
+        exp.old_logprobs = group.compute_logprobs(exp)
+        computed = group.update(exp, kl_coef=0.0)
+        after_computed = group.checksum()
+        group.load_checkpoint(str(tmp_path / "start"))
+        exp.old_logprobs = None
+        skipped = group.update(exp, kl_coef=0.0)
+        # the same change of the weights (the sum moves by the update; equal to float rounding)
+        assert group.checksum() - start == pytest.approx(after_computed - start, rel=1e-4)
+        assert after_computed != start
+        for k in ("policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/grad_norm"):
+            assert skipped[k] == pytest.approx(computed[k], rel=1e-5, abs=1e-7), k
+    finally:
+        group.shutdown()
