@@ -229,17 +229,18 @@ def plot_curves(rows: list[dict], out: Path, title: str = "", smooth: int = 10) 
     return out
 
 
-def load_prompts(cfg: EvalConfig) -> list[str]:
-    from rlhf_ray.data import load_prompt_dataset
+def load_prompts(cfg: EvalConfig) -> list:
+    """The held-out prompts: raw text or chat message lists."""
+    from rlhf_ray.data import load_prompt_dataset, prompt_inputs
 
     path = cfg.prompts_file or task_file(cfg.data_seed, cfg.cache_dir, "prompts_eval")
-    prompts = list(load_prompt_dataset(path, prompt_key=cfg.prompt_key)["prompt"])
+    prompts = prompt_inputs(load_prompt_dataset(path, prompt_key=cfg.prompt_key))
     return prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
 
 
 def run(cfg: EvalConfig, out_dir: Path, show: bool = True) -> dict:
     """Evaluate every policy, write ``eval.json`` (and ``curves.png``), print the table if ``show``."""
-    from rlhf_ray.data import tokenize_prompts_with_index
+    from rlhf_ray.data import render_prompt, tokenize_prompts_with_index
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.workers.reward import ModelScorer, load_function
 
@@ -250,7 +251,7 @@ def run(cfg: EvalConfig, out_dir: Path, show: bool = True) -> dict:
     tokenizer = load_tokenizer(cfg.policies[0])
     all_prompts = load_prompts(cfg)
     prompt_ids, kept = tokenize_prompts_with_index(tokenizer, all_prompts, cfg.max_prompt_len, "truncate")
-    prompts = [all_prompts[i] for i in kept]
+    prompts = [render_prompt(tokenizer, all_prompts[i]) for i in kept]
     started = ensure_ray(cfg.cluster, len(names) * cfg.cluster.cpus_per_worker)
     try:
         completions = generate_all(cfg, names, prompt_ids)

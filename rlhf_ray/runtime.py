@@ -31,6 +31,7 @@ class Assets:
 def resolve_assets(cfg: Config) -> Assets:
     """Paths of every model and data file; the built-in ones are built on first use."""
     from rlhf_ray.data import ensure_task_data
+    from rlhf_ray.data.generate import task_data_dir
     from rlhf_ray.models import ensure_tiny_llama
 
     cache = Path(cfg.model.cache_dir).absolute()
@@ -44,7 +45,7 @@ def resolve_assets(cfg: Config) -> Assets:
         ))
     train, evaluation = cfg.data.train_prompts, cfg.data.eval_prompts
     if not (train and evaluation):
-        files = ensure_task_data(cache / f"task-data-s{cfg.data.seed}", seed=cfg.data.seed)
+        files = ensure_task_data(task_data_dir(cache, cfg.data.seed), seed=cfg.data.seed)
         train, evaluation = train or str(files["prompts_train"]), evaluation or str(files["prompts_eval"])
     return Assets(
         policy_path=str(policy),

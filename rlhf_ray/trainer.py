@@ -25,6 +25,7 @@ from rlhf_ray.algo import AdaptiveKLController, FixedKLController
 from rlhf_ray.algo.overoptimization import proxy_gold_divergence
 from rlhf_ray.batch import Experience, RolloutSample, pad_samples
 from rlhf_ray.config import Config, config_hash, redacted
+from rlhf_ray.data.chat import PromptInput, render_prompt
 from rlhf_ray.data.datasets import DataError, tokenize_prompts_with_index
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.experience import RunningMoments, compute_advantages, prepare_scores
@@ -43,7 +44,7 @@ class TrainingAborted(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, groups: Groups, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
-                 run_dir: Path, eval_prompts: list[str] | None = None):
+                 run_dir: Path, eval_prompts: list[PromptInput] | None = None):
         """``prompts`` and their token ids (``prompt_ids[i]`` encodes ``prompts[i]``, already
         within ``data.max_prompt_len``)."""
         self.cfg, self.g, self.tokenizer, self.run_dir = cfg, groups, tokenizer, Path(run_dir)
@@ -255,12 +256,12 @@ class Trainer:
         return handler()
 
     # ------------------------------------------------------------------ the end
-    def evaluate(self, prompts: list[str], n: int = 1) -> dict[str, float]:
+    def evaluate(self, prompts: list[PromptInput], n: int = 1) -> dict[str, float]:
         """Gold and proxy reward of ``n`` samples per held-out prompt from the current policy."""
         ids, kept = tokenize_prompts_with_index(self.tokenizer, prompts, self.cfg.data.max_prompt_len, "truncate")
         samples = self.g.rollout.generate(ids, seed=self.cfg.seed + 7, min_version=self.weight_version, n=n)
         texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        scored = self.g.reward.score([prompts[kept[s.prompt_index]] for s in samples], texts)
+        scored = self.g.reward.score([render_prompt(self.tokenizer, prompts[kept[s.prompt_index]]) for s in samples], texts)
         out = {"eval/reward": float(torch.tensor(scored["reward"]).nanmean())}
         if "gold" in scored:
             out["eval/gold"] = float(torch.tensor(scored["gold"]).nanmean())

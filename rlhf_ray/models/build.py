@@ -4,8 +4,8 @@ Nothing can be downloaded, so the default policy is made here: a
 ``LlamaForCausalLM`` from a small ``LlamaConfig``, random-initialised from a
 seed, saved as a normal Hugging Face model directory (``config.json``,
 ``model.safetensors``, ``generation_config.json``, ``tokenizer.json``,
-``tokenizer_config.json``) that transformers and vLLM load like any
-checkpoint. With the defaults it has about 1.1 M parameters.
+``tokenizer_config.json``, ``chat_template.jinja``) that transformers and vLLM load like any
+checkpoint. With the defaults it has about 2.4 M parameters.
 """
 
 from __future__ import annotations
@@ -115,9 +115,17 @@ def build_tiny_llama(
     return out
 
 
-def ensure_tiny_llama(out_dir: str | os.PathLike[str], **kwargs: object) -> Path:
-    """Build the tiny Llama into ``out_dir`` unless ``config.json`` is already there."""
+def is_current_build(out_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``out_dir`` holds a complete build of this version (a tokenizer with the chat
+    template: caches built before the template existed are not)."""
     out = Path(out_dir)
-    if not (out / "config.json").is_file():
+    return (out / "config.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+def ensure_tiny_llama(out_dir: str | os.PathLike[str], **kwargs: object) -> Path:
+    """Build the tiny Llama into ``out_dir`` unless a current build is already there (an older
+    build, e.g. one without a chat template, is rebuilt in place)."""
+    out = Path(out_dir)
+    if not is_current_build(out):
         build_tiny_llama(out, **kwargs)  # type: ignore[arg-type]
     return out
