@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING  # noqa: F401  (re-exported for YAML users)
 
+from rlhf_ray.storage import uri_error
+
 ALGORITHMS = ("ppo", "a2c", "grpo", "rloo", "reinforce_pp")
 CRITIC_ALGORITHMS = ("ppo", "a2c")
 GROUP_ALGORITHMS = ("grpo", "rloo")
@@ -74,11 +76,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_prompts: str = ""
-    """JSONL/parquet of {"prompt": ...} rows; empty = the built-in task's prompts"""
+    """prompt rows ({"prompt": text} or chat {"messages": [...]}): a .jsonl/.parquet file, a
+    save_to_disk directory or hf:NAME?split=S&config=C; empty = the built-in task's prompts"""
     eval_prompts: str = ""
-    """held-out prompts for evaluation; empty = the built-in task's"""
+    """held-out prompts for evaluation (same sources); empty = the built-in task's"""
     prompt_key: str = "prompt"
-    """column holding the prompt text"""
+    """column holding the prompt text (chat rows use "messages")"""
     max_prompt_len: int = 24
     """longest prompt in tokens"""
     overlong_prompt: str = "truncate"
@@ -101,6 +104,10 @@ class RolloutConfig:
     """nucleus sampling mass in (0, 1]"""
     max_new_tokens: int = 10
     """longest completion in tokens"""
+    stop: list[str] = field(default_factory=list)
+    """stop strings (besides the EOS ids of the model's generation_config); generated ids are kept as is"""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """extra token ids a completion stops at (the generation_config's EOS ids always stop it)"""
     kv_cache_gb: int = 1
     """KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE on CPU)"""
     gpu_memory_utilization: float = 0.5
@@ -254,13 +261,15 @@ class TrainerConfig:
     eval_every: int = 0
     """evaluate on held-out prompts every k steps (0 = never during training)"""
     output_dir: str = ""
-    """run directory; empty = Hydra's run directory"""
+    """run directory, or a URI (s3://bucket/run, gs://..., any fsspec protocol) that final/,
+    checkpoints/ and the metrics go to (staged in Hydra's directory); empty = Hydra's run directory"""
     resume: str = "auto"
     """auto (latest complete checkpoint in the checkpoint dir, if any) | never | a checkpoint path"""
     resume_ignore_config: bool = False
     """load a checkpoint even when it was written with a different config"""
     checkpoint_dir: str = ""
-    """where checkpoints go; empty = <run dir>/checkpoints"""
+    """where checkpoints go, a path or a URI (each rank uploads its shard; no shared disk
+    needed); empty = <output_dir>/checkpoints"""
     keep_checkpoints: int = 2
     """complete checkpoints kept (older ones are pruned after a newer one completes)"""
     stop_after_steps: int = 0
@@ -372,6 +381,10 @@ def _rollout_errors(r: RolloutConfig) -> list[str]:
     for key in ("num_engines", "tensor_parallel_size", "n_samples_per_prompt", "max_new_tokens"):
         if getattr(r, key) < 1:
             e.append(f"rollout.{key}: must be >= 1, got {getattr(r, key)}")
+    if any(not s for s in r.stop):
+        e.append("rollout.stop: stop strings must not be empty")
+    if any(i < 0 for i in r.stop_token_ids):
+        e.append(f"rollout.stop_token_ids: ids must be >= 0, got {list(r.stop_token_ids)}")
     return e
 
 
@@ -401,6 +414,10 @@ def _trainer_errors(t: TrainerConfig) -> list[str]:
         e.append(f"trainer.save_every: must be >= 0, got {t.save_every}")
     if t.total_steps < 0:
         e.append(f"trainer.total_steps: must be >= 0, got {t.total_steps}")
+    for key in ("output_dir", "checkpoint_dir"):
+        problem = uri_error(getattr(t, key))
+        if problem:
+            e.append(f"trainer.{key}: {problem}")
     if t.wandb and importlib.util.find_spec("wandb") is None:
         e.append("trainer.wandb: true but wandb is not installed (pip install wandb)")
     return e

@@ -43,8 +43,10 @@ def compose_config(overrides: list[str]) -> Config:
 def run_dir_of(cfg: Config) -> Path:
     """``trainer.output_dir``, else Hydra's output dir (``hydra.sweep.dir/<job num>`` under ``-m``).
     In a multirun, an explicit ``trainer.output_dir`` gets the job number appended."""
+    from rlhf_ray.storage import is_uri
+
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    if cfg.trainer.output_dir:
+    if cfg.trainer.output_dir and not is_uri(cfg.trainer.output_dir):  # a URI: stage locally, upload
         multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
         return Path(cfg.trainer.output_dir) / (str(hydra_cfg.job.num) if multirun else "")
     return Path(hydra_cfg.runtime.output_dir) if hydra_cfg is not None else Path("outputs/run")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rlhf_ray import checkpoint as ckpt
+from rlhf_ray import storage
 from rlhf_ray.algo import AdaptiveKLController, FixedKLController
 from rlhf_ray.algo.overoptimization import proxy_gold_divergence
 from rlhf_ray.batch import Experience, RolloutSample, pad_samples
@@ -58,7 +59,9 @@ class Trainer:
                        else FixedKLController(a.kl_coef))
         self.moments = RunningMoments() if cfg.reward.normalize else None
         self.step_index, self.weight_version, self.nonfinite_streak = 0, 0, 0
-        self.checkpoint_root = Path(cfg.trainer.checkpoint_dir or self.run_dir / "checkpoints")
+        # a local directory or a URI (s3://...): checkpoints and the final model go there directly
+        self.output_root = cfg.trainer.output_dir if storage.is_uri(cfg.trainer.output_dir) else str(self.run_dir)
+        self.checkpoint_root = cfg.trainer.checkpoint_dir or storage.join(self.output_root, "checkpoints")
         self.sync = WeightSync(groups.policy, groups.rollout, cfg.sync, timeout_s=cfg.cluster.call_timeout_s,
                                tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                                pad_id=tokenizer.pad_token_id)
@@ -200,12 +203,11 @@ class Trainer:
                 "reward_moments": self.moments.state_dict() if self.moments else None,
                 "nonfinite_streak": self.nonfinite_streak}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> str:
         path = ckpt.step_dir(self.checkpoint_root, self.step_index)
-        path.mkdir(parents=True, exist_ok=True)
-        self.g.policy.save_checkpoint(str(path / "policy"))
+        self.g.policy.save_checkpoint(storage.join(path, "policy"))  # every rank uploads its shard
         if self.g.critic is not None:
-            self.g.critic.save_checkpoint(str(path / "critic"))
+            self.g.critic.save_checkpoint(storage.join(path, "critic"))
         ckpt.write_driver_state(path, self.state_dict())
         maybe_fail("driver", "checkpoint")
         ckpt.mark_complete(path, self.step_index)  # last: only now does the checkpoint count
@@ -215,16 +217,16 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         resume = self.cfg.trainer.resume
-        path = None if resume == "never" else ckpt.latest(self.checkpoint_root) if resume == "auto" else Path(resume)
+        path = None if resume == "never" else ckpt.latest(self.checkpoint_root) if resume == "auto" else resume
         if path is None:
             return
         if not ckpt.is_complete(path):
             raise FileNotFoundError(f"trainer.resume: {path} is not a complete checkpoint (no {ckpt.MARKER})")
         state = ckpt.read_driver_state(path)
         ckpt.check_config(state, config_hash(self.cfg), self.cfg.trainer.resume_ignore_config, path)
-        self.g.policy.load_checkpoint(str(path / "policy"))
+        self.g.policy.load_checkpoint(storage.join(path, "policy"))
         if self.g.critic is not None:
-            self.g.critic.load_checkpoint(str(path / "critic"))
+            self.g.critic.load_checkpoint(storage.join(path, "critic"))
         self.step_index, self.weight_version = state["step"], state["weight_version"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.sampler.load_state_dict(state["sampler"])
@@ -268,9 +270,10 @@ class Trainer:
         return out
 
     def finish(self, history: list[dict]) -> dict:
-        final = self.run_dir / "final"
-        self.g.policy.save_hf(str(final))
-        self.tokenizer.save_pretrained(str(final))
+        final = storage.join(self.output_root, "final")
+        self.g.policy.save_hf(final)
+        with storage.local_dir(final) as local:
+            self.tokenizer.save_pretrained(local)
         summary = {"steps": self.step_index, "weight_version": self.weight_version,
                    "engine_versions": self.sync.engine_versions, "final_model": str(final)}
         if history:
@@ -278,4 +281,6 @@ class Trainer:
         if self.eval_prompts:
             summary.update(self.evaluate(self.eval_prompts))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        if self.output_root != str(self.run_dir):  # metrics, TensorBoard, summary next to final/
+            storage.upload(self.run_dir, self.output_root)
         return summary

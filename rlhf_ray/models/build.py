@@ -16,7 +16,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from rlhf_ray.models.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 
@@ -75,7 +81,6 @@ def build_tiny_llama(
     directory and moved in with ``config.json`` last, so a crash mid-build never
     leaves a directory that :func:`ensure_tiny_llama` would take as complete.
     """
-    out = Path(out_dir)
     tokenizer = build_char_tokenizer(alphabet)
     config = tiny_llama_config(
         len(tokenizer),
@@ -88,15 +93,25 @@ def build_tiny_llama(
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
     )
+    return build_tiny_model(out_dir, config, tokenizer, seed=seed)
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike[str], config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, *,
+    seed: int = 0, eos_token_ids: list[int] | None = None,
+) -> Path:
+    """A random-init causal LM of any architecture ``config`` names (``AutoModelForCausalLM``),
+    saved with ``tokenizer`` into ``out_dir`` (safetensors, atomically: ``config.json`` last).
+    ``eos_token_ids`` (default: the tokenizer's EOS) go into ``generation_config.json``."""
+    out = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(torch.float32)
     # Sampling defaults are the rollout config's business; the file only has to agree
     # with the tokenizer on the special ids (vLLM and HF generate read it).
+    eos = eos_token_ids or tokenizer.eos_token_id
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))

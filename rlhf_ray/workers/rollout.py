@@ -14,6 +14,7 @@ import os
 from rlhf_ray.batch import RolloutSample
 from rlhf_ray.config import RolloutConfig
 from rlhf_ray.faults import maybe_fail
+from rlhf_ray.sampling import sampling_params
 from rlhf_ray.sync.buckets import TensorMeta
 
 RECEIVER = "rlhf_ray.sync.receiver.WeightReceiver"
@@ -42,7 +43,7 @@ class RolloutWorker:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.name, self.cfg = name, cfg
+        self.name, self.cfg, self.model_path = name, cfg, model_path
         extra = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if device == "cuda" else {}
         self.llm = LLM(
             model=model_path,
@@ -70,22 +71,10 @@ class RolloutWorker:
         n: int | None = None,
     ) -> list[RolloutSample]:
         """``n`` (default ``n_samples_per_prompt``) completions of each prompt, contiguous."""
-        from vllm import SamplingParams
-
         if self.version < min_version:
             raise StaleWeightsError(f"{self.name} holds weights v{self.version}, trainer is at v{min_version}")
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        params = [
-            SamplingParams(
-                n=n or self.cfg.n_samples_per_prompt,
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
-                max_tokens=self.cfg.max_new_tokens,
-                logprobs=0,
-                seed=seed + i,
-            )
-            for i in prompt_indices
-        ]
+        params = [sampling_params(self.cfg, self.model_path, seed=seed + i, n=n) for i in prompt_indices]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         maybe_fail(self.name, "generate")
         samples = []
