@@ -56,6 +56,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """PEFT LoRA adapters on the policy (rank 0 = full fine-tuning)."""
+
+    rank: int = 0
+    """adapter rank r; > 0 trains LoRA adapters only, the reference is the base model (adapters off)"""
+    alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / rank)"""
+    dropout: float = 0.0
+    """dropout on the adapter input"""
+    target_modules: list[str] = field(default_factory=list)
+    """module names to adapt (e.g. [q_proj, v_proj]); empty = every linear layer but the output layer"""
+
+
+@dataclass
 class ModelConfig:
     policy_path: str = ""
     """HF directory of the initial policy; empty = build the tiny built-in model"""
@@ -71,6 +85,8 @@ class ModelConfig:
     """where built-in models and data are built (relative to the launch directory)"""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """size of the built-in model"""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters for the policy (RL); off by default"""
 
 
 @dataclass
@@ -433,6 +449,15 @@ def _misc_errors(cfg: Config) -> list[str]:
         e.append(f"data.max_prompt_len: must be >= 1, got {cfg.data.max_prompt_len}")
     if cfg.sync.bucket_mb <= 0:
         e.append(f"sync.bucket_mb: must be > 0, got {cfg.sync.bucket_mb}")
+    lora = cfg.model.lora
+    if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        e.append(f"model.lora: need rank >= 0, alpha > 0, 0 <= dropout < 1, got {lora.rank}/{lora.alpha}/{lora.dropout}")
+    if lora.rank > 0 and cfg.model.reference_path:
+        e.append("model.reference_path: with LoRA the reference is the policy's base model with its adapters "
+                 "disabled; leave model.reference_path empty")
+    if lora.rank > 0 and cfg.policy.zero_stage == 3:
+        e.append("policy.zero_stage: LoRA (model.lora.rank > 0) runs with ZeRO stage 0-2 (the frozen base is small "
+                 "next to its optimizer state anyway)")
     if cfg.cluster.cpus_per_worker <= 0:
         e.append(f"cluster.cpus_per_worker: must be > 0, got {cfg.cluster.cpus_per_worker}")
     return e

@@ -120,11 +120,30 @@ def dry_run(cfg: Config) -> str:
     return "\n".join(lines + ["the plan fits the cluster"])
 
 
+class AdapterOffReference:
+    """The reference role served by the policy group: its base model with LoRA adapters off."""
+
+    def __init__(self, policy: PolicyGroup):
+        self.policy = policy
+
+    def __repr__(self) -> str:
+        return f"AdapterOffReference({self.policy!r})"
+
+    def compute_logprobs(self, exp):
+        return self.policy.compute_ref_logprobs(exp)
+
+    def ready(self) -> None:
+        """Nothing of its own to start (the policy group's ranks are waited for)."""
+
+    def shutdown(self) -> None:
+        """Nothing of its own to stop."""
+
+
 @dataclass
 class Groups:
     rollout: RolloutGroup
     reward: RewardGroup
-    reference: ReferenceGroup
+    reference: ReferenceGroup | AdapterOffReference
     policy: PolicyGroup
     critic: CriticGroup | None
 
@@ -166,7 +185,7 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
         name=name, cfg=cfg.reward, threads=c.threads_per_worker, seed=cfg.seed,
         trust_remote_code=m.trust_remote_code,
     ), **common, max_restarts=3, max_task_retries=3)  # scoring is idempotent: Ray may retry it
-    reference = ReferenceGroup(plan["reference"], ReferenceWorker, lambda i, name: dict(
+    reference = None if m.lora.rank else ReferenceGroup(plan["reference"], ReferenceWorker, lambda i, name: dict(
         name=name, model_path=assets.reference_path, device=c.device, dtype=m.dtype,
         micro_batch_size=cfg.policy.micro_batch_size, temperature=cfg.rollout.temperature,
         threads=c.threads_per_worker, seed=cfg.seed, trust_remote_code=m.trust_remote_code,
@@ -185,7 +204,11 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
         )
 
     policy = PolicyGroup(plan["policy"], PolicyWorker, learner_kwargs(
-        cfg.policy, assets.policy_path, dict(algo=cfg.algo, temperature=cfg.rollout.temperature)), **common)
+        cfg.policy, assets.policy_path, dict(algo=cfg.algo, temperature=cfg.rollout.temperature, lora=m.lora)),
+        **common)
+    # The one place that decides who serves the reference policy: its own worker, or with LoRA
+    # the policy ranks with their adapters disabled (no second copy of the base weights).
+    reference = reference or AdapterOffReference(policy)
     critic = None
     if cfg.algo.needs_critic:
         critic = CriticGroup(plan["critic"], CriticWorker, learner_kwargs(
