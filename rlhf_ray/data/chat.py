@@ -48,7 +48,7 @@ def check_messages(value: Any, key: str, last_role: str | None = None) -> Messag
             raise ChatError(f"{key}[{i}].content must be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})
     if last_role is not None and out[-1]["role"] != last_role:
-        raise ChatError(f"{key} must end with a {last_role} turn, the last one is {out[-1]['role']!r}")
+        raise ChatError(f"{key} must end with a turn of role {last_role!r}, the last one is {out[-1]['role']!r}")
     return out
 
 

@@ -96,7 +96,7 @@ def test_prompt_rows_raw_and_chat(tmp_path: Path, tok) -> None:
 
 
 @pytest.mark.parametrize(("row", "expected"), [
-    ({"messages": [user("a"), bot("b")]}, "messages must end with a user turn, the last one is 'assistant'"),
+    ({"messages": [user("a"), bot("b")]}, "messages must end with a turn of role 'user', the last one is 'assistant'"),
     ({"messages": []}, "field 'messages' must be a non-empty list of messages, got list (empty)"),
     ({"messages": [{"role": "robot", "content": "a"}]}, "messages[0].role must be one of"),
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string, got int"),
@@ -112,7 +112,7 @@ def test_bad_chat_prompt_rows_name_file_line(tmp_path: Path, row: dict, expected
 def test_sft_chat_rows(tmp_path: Path) -> None:
     path = _jsonl(tmp_path, [{"messages": [user("a="), bot("a")]}, {"prompt": "b=", "response": "b"},
                              {"messages": [user("c=")]}])
-    with pytest.raises(DataError, match=rf"{path}:3: messages must end with a assistant turn"):
+    with pytest.raises(DataError, match=rf"{path}:3: messages must end with a turn of role 'assistant'"):
         load_sft_dataset(path)
     ds = load_sft_dataset(_jsonl(tmp_path, [{"messages": [user("a="), bot("a")]}, {"prompt": "b=", "response": "b"}]))
     assert ds.to_list() == [{"prompt": "", "response": "", "messages": [user("a="), bot("a")]},
@@ -139,7 +139,7 @@ def test_preference_formats(tmp_path: Path) -> None:
         load_comparison_dataset(bad)
     assert info.value.problems == [
         f"{bad}:2: 'chosen' and 'rejected' conversations differ before their last turn",
-        f"{bad}:3: 'chosen' must end with a assistant turn, the last one is 'user'",
+        f"{bad}:3: 'chosen' must end with a turn of role 'assistant', the last one is 'user'",
     ]
 
 
