@@ -35,8 +35,8 @@ def test_run_on_s3_survives_a_kill_during_upload(tmp_path, cache_dir):
         env = dict(os.environ, **s3_env, RLHF_RAY_FAULTS="storage@upload#5=kill", RLHF_RAY_FAULTS_DIR=str(tmp_path),
                    PYTHONPATH=str(REPO))
         proc = subprocess.run(args, env=env, cwd=tmp_path, timeout=900, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        log = proc.stderr
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = proc.stdout  # Hydra's job logging writes to stdout
         assert proc.returncode == 0, log[-3000:]
         assert (tmp_path / "fired-storage@upload#5").exists()
         root = storage.join(out, "checkpoints")
