@@ -19,6 +19,7 @@ from omegaconf import MISSING  # noqa: F401  (re-exported for YAML users)
 
 from rlhf_ray.algo import AGG_MODES, KL_ESTIMATORS, KL_LOSS_ESTIMATORS, OFF_POLICY_LEVELS, OFF_POLICY_MODES
 from rlhf_ray.algorithms import ALGORITHMS, Algorithm, algorithm
+from rlhf_ray.storage import uri_error
 from rlhf_ray.topology import auto_threads, auto_workers
 
 REWARD_KINDS = ("model", "function", "http")
@@ -53,6 +54,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """PEFT LoRA adapters on the policy (rank 0 = full fine-tuning)."""
+
+    rank: int = 0
+    """adapter rank r; > 0 trains LoRA adapters only, the reference is the base model (adapters off)"""
+    alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / rank)"""
+    dropout: float = 0.0
+    """dropout on the adapter input"""
+    target_modules: list[str] = field(default_factory=list)
+    """module names to adapt (e.g. [q_proj, v_proj]); empty = every linear layer but the output layer"""
+
+
+@dataclass
 class ModelConfig:
     policy_path: str = ""
     """HF directory of the initial policy; empty = build the tiny built-in model"""
@@ -68,16 +83,19 @@ class ModelConfig:
     """where built-in models and data are built (relative to the launch directory)"""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """size of the built-in model"""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters for the policy (RL); off by default"""
 
 
 @dataclass
 class DataConfig:
     train_prompts: str = ""
-    """JSONL/parquet of {"prompt": ...} rows; empty = the built-in task's prompts"""
+    """prompt rows ({"prompt": text} or chat {"messages": [...]}): a .jsonl/.parquet file, a
+    save_to_disk directory or hf:NAME?split=S&config=C; empty = the built-in task's prompts"""
     eval_prompts: str = ""
-    """held-out prompts for evaluation; empty = the built-in task's"""
+    """held-out prompts for evaluation (same sources); empty = the built-in task's"""
     prompt_key: str = "prompt"
-    """column holding the prompt text"""
+    """column holding the prompt text (chat rows use "messages")"""
     max_prompt_len: int = 24
     """longest prompt in tokens"""
     overlong_prompt: str = "truncate"
@@ -100,6 +118,10 @@ class RolloutConfig:
     """nucleus sampling mass in (0, 1]"""
     max_new_tokens: int = 10
     """longest completion in tokens"""
+    stop: list[str] = field(default_factory=list)
+    """stop strings (besides the EOS ids of the model's generation_config); generated ids are kept as is"""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """extra token ids a completion stops at (the generation_config's EOS ids always stop it)"""
     kv_cache_gb: int = 1
     """KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE on CPU)"""
     gpu_memory_utilization: float = 0.5
@@ -290,13 +312,15 @@ class TrainerConfig:
     """every k steps, score one sample per held-out prompt (data.eval_prompts) with the reward
     workers and log eval/reward and eval/gold to metrics.jsonl (0 = only at the end)"""
     output_dir: str = ""
-    """run directory; empty = Hydra's run directory"""
+    """run directory, or a URI (s3://bucket/run, gs://..., any fsspec protocol) that final/,
+    checkpoints/ and the metrics go to (staged in Hydra's directory); empty = Hydra's run directory"""
     resume: str = "auto"
     """auto (latest complete checkpoint in the checkpoint dir, if any) | never | a checkpoint path"""
     resume_ignore_config: bool = False
     """load a checkpoint even when it was written with a different config"""
     checkpoint_dir: str = ""
-    """where checkpoints go; empty = <run dir>/checkpoints"""
+    """where checkpoints go, a path or a URI (each rank uploads its shard; no shared disk
+    needed); empty = <output_dir>/checkpoints"""
     keep_checkpoints: int = 2
     """complete checkpoints kept (older ones are pruned after a newer one completes)"""
     stop_after_steps: int = 0
@@ -460,6 +484,10 @@ def _rollout_errors(r: RolloutConfig) -> list[str]:
     for key in ("num_engines", "tensor_parallel_size", "n_samples_per_prompt", "max_new_tokens", "chunk_tokens"):
         if getattr(r, key) < 1:
             e.append(f"rollout.{key}: must be >= 1, got {getattr(r, key)}")
+    if any(not s for s in r.stop):
+        e.append("rollout.stop: stop strings must not be empty")
+    if any(i < 0 for i in r.stop_token_ids):
+        e.append(f"rollout.stop_token_ids: ids must be >= 0, got {list(r.stop_token_ids)}")
     return e
 
 
@@ -491,6 +519,10 @@ def _trainer_errors(t: TrainerConfig) -> list[str]:
         e.append(f"trainer.eval_every: must be >= 0, got {t.eval_every}")
     if t.total_steps < 0:
         e.append(f"trainer.total_steps: must be >= 0, got {t.total_steps}")
+    for key in ("output_dir", "checkpoint_dir"):
+        problem = uri_error(getattr(t, key))
+        if problem:
+            e.append(f"trainer.{key}: {problem}")
     if t.max_staleness < 0:
         e.append(f"trainer.max_staleness: must be >= 0, got {t.max_staleness}")
     if t.wandb and importlib.util.find_spec("wandb") is None:
@@ -508,6 +540,15 @@ def _misc_errors(cfg: Config) -> list[str]:
         e.append(f"data.max_prompt_len: must be >= 1, got {cfg.data.max_prompt_len}")
     if cfg.sync.bucket_mb <= 0:
         e.append(f"sync.bucket_mb: must be > 0, got {cfg.sync.bucket_mb}")
+    lora = cfg.model.lora
+    if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        e.append(f"model.lora: need rank >= 0, alpha > 0, 0 <= dropout < 1, got {lora.rank}/{lora.alpha}/{lora.dropout}")
+    if lora.rank > 0 and cfg.model.reference_path:
+        e.append("model.reference_path: with LoRA the reference is the policy's base model with its adapters "
+                 "disabled; leave model.reference_path empty")
+    if lora.rank > 0 and cfg.policy.zero_stage == 3:
+        e.append("policy.zero_stage: LoRA (model.lora.rank > 0) runs with ZeRO stage 0-2 (the frozen base is small "
+                 "next to its optimizer state anyway)")
     if cfg.cluster.cpus_per_worker <= 0:
         e.append(f"cluster.cpus_per_worker: must be > 0, got {cfg.cluster.cpus_per_worker}")
     return e

@@ -160,10 +160,10 @@ def evaluate_policy(cfg: EvalConfig, path: str, done: Completions, prompts: list
 
 
 def load_prompts(cfg: EvalConfig) -> list[str]:
-    from rlhf_ray.data import load_prompt_dataset
+    from rlhf_ray.data import load_prompt_dataset, prompt_inputs
 
     path = cfg.prompts_file or task_file(cfg.data_seed, cfg.cache_dir, "prompts_eval")
-    prompts = list(load_prompt_dataset(path, prompt_key=cfg.prompt_key)["prompt"])
+    prompts = prompt_inputs(load_prompt_dataset(path, prompt_key=cfg.prompt_key))  # text or chat messages
     return prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
 
 
@@ -211,7 +211,7 @@ def score_all(cfg: EvalConfig, names: list[str], completions: dict[str, Completi
 
 def run(cfg: EvalConfig, out_dir: Path, show: bool = True) -> dict:
     """Evaluate every policy, write ``eval.json`` (and ``curves.png``), print the table if ``show``."""
-    from rlhf_ray.data import tokenize_prompts_with_index
+    from rlhf_ray.data import render_prompt, tokenize_prompts_with_index
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.runtime import connect
 
@@ -223,7 +223,7 @@ def run(cfg: EvalConfig, out_dir: Path, show: bool = True) -> dict:
     tokenizer = load_tokenizer(cfg.policies[0])
     all_prompts = load_prompts(cfg)
     prompt_ids, kept = tokenize_prompts_with_index(tokenizer, all_prompts, cfg.max_prompt_len, "truncate")
-    prompts = [all_prompts[i] for i in kept]
+    prompts = [render_prompt(tokenizer, all_prompts[i]) for i in kept]
     reference = cfg.reference_path or cfg.policies[0]
     n_models = len(set([*cfg.policies, reference]))
     started = connect(cfg.cluster, engine_plan(cfg, names), logprob_plan(cfg, n_models))

@@ -207,6 +207,12 @@ class PolicyGroup(DeepSpeedGroup):
         refs = [w.compute_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)]
         return self.pending(refs, "compute_logprobs", torch.cat)
 
+    def compute_ref_logprobs(self, exp: Experience) -> torch.Tensor:
+        """Reference logprobs from the ranks with LoRA adapters disabled (LoRA runs only)."""
+        shards = exp.split(len(self.workers))
+        return torch.cat(self.get([w.compute_ref_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)],
+                                  "compute_ref_logprobs"))
+
     def compute_logprobs_replicated(self, exp: Experience) -> torch.Tensor:
         """Every rank computes the same small batch (any size; ZeRO-3 needs all ranks)."""
         return self.get([w.compute_logprobs.remote(exp) for w in self.workers], "compute_logprobs")[0]

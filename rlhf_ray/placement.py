@@ -49,9 +49,10 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
     plan = [
         role("rollout", cfg.rollout.num_engines, cfg.rollout.tensor_parallel_size if gpu else 0),
         role("reward", cfg.reward.num_workers, 1 if gpu and cfg.reward.kind == "model" else 0),
-        role("reference", 1, 1 if gpu else 0),
         role("policy", cfg.policy.num_ranks, 1 if gpu else 0),
     ]
+    if not cfg.model.lora.rank:  # with LoRA the policy ranks serve the reference (adapters off)
+        plan.insert(2, role("reference", 1, 1 if gpu else 0))
     if cfg.algo.needs_critic:
         plan.append(role("critic", cfg.critic.num_ranks, 1 if gpu else 0))
     return plan

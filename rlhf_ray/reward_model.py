@@ -38,7 +38,8 @@ def load_rankings(cfg: RewardModelConfig, tokenizer):
         rows = load_comparison_dataset(path)
         if limit:
             rows = rows.select(range(min(limit, len(rows))))
-        batches.append(encode_rankings(tokenizer, rows["prompt"], rows["completions"], d.max_len, path))
+        batches.append(encode_rankings(tokenizer, rows["prompt"], rows["completions"], d.max_len, path,
+                                       messages=rows["messages"]))
     return tuple(batches)
 
 

@@ -35,6 +35,7 @@ class Assets:
 def resolve_assets(cfg: Config) -> Assets:
     """Paths of every model and data file; the built-in ones are built on first use."""
     from rlhf_ray.data import ensure_task_data
+    from rlhf_ray.data.generate import task_data_dir
     from rlhf_ray.models import ensure_tiny_llama
 
     cache = Path(cfg.model.cache_dir).absolute()
@@ -48,7 +49,7 @@ def resolve_assets(cfg: Config) -> Assets:
         ))
     train, evaluation = cfg.data.train_prompts, cfg.data.eval_prompts
     if not (train and evaluation):
-        files = ensure_task_data(cache / f"task-data-s{cfg.data.seed}", seed=cfg.data.seed)
+        files = ensure_task_data(task_data_dir(cache, cfg.data.seed), seed=cfg.data.seed)
         train, evaluation = train or str(files["prompts_train"]), evaluation or str(files["prompts_eval"])
     return Assets(
         policy_path=str(policy),
@@ -104,8 +105,10 @@ def run_dir(configured: str) -> Path:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from rlhf_ray.storage import is_uri
+
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    if configured:
+    if configured and not is_uri(configured):  # a URI (s3://...): staged in Hydra's dir, uploaded
         multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
         return Path(configured) / (str(hydra_cfg.job.num) if multirun else "")
     return Path(hydra_cfg.runtime.output_dir) if hydra_cfg is not None else Path("outputs/run")
@@ -174,11 +177,30 @@ def dry_run(cfg: Config) -> str:
     return "\n".join(lines + ["the plan fits the cluster"])
 
 
+class AdapterOffReference:
+    """The reference role served by the policy group: its base model with LoRA adapters off."""
+
+    def __init__(self, policy: PolicyGroup):
+        self.policy = policy
+
+    def __repr__(self) -> str:
+        return f"AdapterOffReference({self.policy!r})"
+
+    def compute_logprobs(self, exp):
+        return self.policy.compute_ref_logprobs(exp)
+
+    def ready(self) -> None:
+        """Nothing of its own to start (the policy group's ranks are waited for)."""
+
+    def shutdown(self) -> None:
+        """Nothing of its own to stop."""
+
+
 @dataclass
 class Groups:
     rollout: RolloutGroup
     reward: RewardGroup
-    reference: ReferenceGroup
+    reference: ReferenceGroup | AdapterOffReference
     policy: PolicyGroup
     critic: CriticGroup | None
     init_seconds: dict[str, float] = field(default_factory=dict)
@@ -228,7 +250,7 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
         name=name, cfg=cfg.reward, threads=c.threads_per_worker, seed=cfg.seed,
         trust_remote_code=m.trust_remote_code,
     ), **common, max_restarts=3, max_task_retries=3)  # scoring is idempotent: Ray may retry it
-    reference = ReferenceGroup(plan["reference"], ReferenceWorker, lambda i, name: dict(
+    reference = None if m.lora.rank else ReferenceGroup(plan["reference"], ReferenceWorker, lambda i, name: dict(
         name=name, model_path=assets.reference_path, device=c.device, dtype=m.dtype,
         micro_batch_size=cfg.policy.micro_batch_size, temperature=cfg.rollout.temperature,
         max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch,
@@ -249,7 +271,10 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
 
     policy = PolicyGroup(plan["policy"], PolicyWorker, learner_kwargs(
         cfg.policy, assets.policy_path, dict(algo=cfg.algo, temperature=cfg.rollout.temperature,
-                                             max_staleness=cfg.trainer.max_staleness)), **common)
+                                             max_staleness=cfg.trainer.max_staleness, lora=m.lora)), **common)
+    # The one place that decides who serves the reference policy: its own worker, or with LoRA
+    # the policy ranks with their adapters disabled (no second copy of the base weights).
+    reference = reference or AdapterOffReference(policy)
     critic = None
     if cfg.algo.needs_critic:
         critic = CriticGroup(plan["critic"], CriticWorker, learner_kwargs(

@@ -36,7 +36,8 @@ def load_demonstrations(cfg: SFTConfig, tokenizer):
         rows = load_sft_dataset(path, prompt_key=cfg.prompt_key, response_key=cfg.response_key)
         if limit:
             rows = rows.select(range(min(limit, len(rows))))
-        batches.append(encode_demonstrations(tokenizer, rows["prompt"], rows["response"], d.max_len, path))
+        batches.append(encode_demonstrations(tokenizer, rows["prompt"], rows["response"], d.max_len, path,
+                                             messages=rows["messages"]))
     return tuple(batches)
 
 

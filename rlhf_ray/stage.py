@@ -119,8 +119,9 @@ def base_model_path(model: ModelConfig, seed: int) -> str:
 def task_file(data_seed: int, cache_dir: str, name: str) -> str:
     """A file of the built-in task's data (generated on first use)."""
     from rlhf_ray.data import ensure_task_data
+    from rlhf_ray.data.generate import task_data_dir
 
-    return str(ensure_task_data(Path(cache_dir).absolute() / f"task-data-s{data_seed}", seed=data_seed)[name])
+    return str(ensure_task_data(task_data_dir(Path(cache_dir).absolute(), data_seed), seed=data_seed)[name])
 
 
 def save_tokenizer(model_path: str, out: Path, trust_remote_code: bool) -> None:

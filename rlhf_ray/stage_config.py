@@ -26,9 +26,10 @@ class SupervisedDataConfig:
     """Files of a supervised stage: SFT demonstrations or ranked comparisons."""
 
     train_file: str = ""
-    """JSONL/parquet training rows; empty = the built-in task's (sft_train / comparisons_train)"""
+    """training rows (raw or chat): a .jsonl/.parquet file, a save_to_disk directory or
+    hf:NAME?split=S&config=C; empty = the built-in task's (sft_train / comparisons_train)"""
     eval_file: str = ""
-    """held-out rows; empty = the built-in task's (sft_eval / comparisons_eval)"""
+    """held-out rows (same sources); empty = the built-in task's (sft_eval / comparisons_eval)"""
     max_train_rows: int = 0
     """use only the first N training rows (0 = all)"""
     max_eval_rows: int = 0

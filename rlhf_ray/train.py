@@ -63,7 +63,13 @@ def check_assets(cfg: Config, assets):
 def run(cfg: Config, run_dir: Path) -> dict:
     import ray
 
-    from rlhf_ray.data import DataError, load_prompt_dataset, tokenize_prompts_with_index
+    from rlhf_ray.data import (
+        DataError,
+        load_prompt_dataset,
+        prompt_inputs,
+        render_prompt,
+        tokenize_prompts_with_index,
+    )
     from rlhf_ray.placement import format_plan, resource_plan
     from rlhf_ray.runtime import connect, resolve_assets
 
@@ -72,8 +78,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     plan = resource_plan(cfg)
     assets = resolve_assets(cfg)
     tokenizer = check_assets(cfg, assets)
-    prompts = list(load_prompt_dataset(assets.train_prompts, prompt_key=cfg.data.prompt_key)["prompt"])
-    eval_prompts = list(load_prompt_dataset(assets.eval_prompts, prompt_key=cfg.data.prompt_key)["prompt"])
+    # Raw text or chat messages; tokenized once here (chat rows through the chat template).
+    prompts = prompt_inputs(load_prompt_dataset(assets.train_prompts, prompt_key=cfg.data.prompt_key))
+    eval_prompts = prompt_inputs(load_prompt_dataset(assets.eval_prompts, prompt_key=cfg.data.prompt_key))
     prompt_ids, kept = tokenize_prompts_with_index(tokenizer, prompts, cfg.data.max_prompt_len,
                                                    cfg.data.overlong_prompt)
     if not prompt_ids:
@@ -82,7 +89,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if len(kept) < len(prompts):
         log.warning("%d of %d prompts skipped as longer than data.max_prompt_len", len(prompts) - len(kept),
                     len(prompts))
-    prompts = [prompts[i] for i in kept]
+    prompts = [render_prompt(tokenizer, prompts[i]) for i in kept]  # the text rewards see
     started = connect(cfg.cluster, plan)
     log.info("resource plan:\n%s", format_plan(plan))
     try:

@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 
 from rlhf_ray import checkpoint as ckpt
+from rlhf_ray import storage
 from rlhf_ray.algo import AdaptiveKLController, FixedKLController
 from rlhf_ray.algo.overoptimization import proxy_gold_divergence
 from rlhf_ray.batch import Experience, pad_samples
 from rlhf_ray.config import Config, config_hash, redacted
+from rlhf_ray.data.chat import PromptInput, render_prompt
 from rlhf_ray.data.datasets import DataError, tokenize_prompts_with_index
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.experience import RunningMoments, compute_advantages, prepare_scores
@@ -57,7 +59,7 @@ class TrainingAborted(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, groups: Groups, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
-                 run_dir: Path, eval_prompts: list[str] | None = None):
+                 run_dir: Path, eval_prompts: list[PromptInput] | None = None):
         """``prompts`` and their token ids (``prompt_ids[i]`` encodes ``prompts[i]``, already
         within ``data.max_prompt_len``)."""
         self.cfg, self.g, self.tokenizer, self.run_dir = cfg, groups, tokenizer, Path(run_dir)
@@ -71,7 +73,9 @@ class Trainer:
                        else FixedKLController(a.kl_coef))
         self.moments = RunningMoments() if cfg.reward.normalize else None
         self.step_index, self.weight_version, self.nonfinite_streak = 0, 0, 0
-        self.checkpoint_root = Path(cfg.trainer.checkpoint_dir or self.run_dir / "checkpoints")
+        # a local directory or a URI (s3://...): checkpoints and the final model go there directly
+        self.output_root = cfg.trainer.output_dir if storage.is_uri(cfg.trainer.output_dir) else str(self.run_dir)
+        self.checkpoint_root = cfg.trainer.checkpoint_dir or storage.join(self.output_root, "checkpoints")
         self.sync = WeightSync(groups.policy, groups.rollout, cfg.sync, timeout_s=cfg.cluster.call_timeout_s,
                                tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                                pad_id=tokenizer.pad_token_id)
@@ -288,12 +292,11 @@ class Trainer:
                 "reward_moments": self.moments.state_dict() if self.moments else None,
                 "nonfinite_streak": self.nonfinite_streak}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> str:
         path = ckpt.step_dir(self.checkpoint_root, self.step_index)
-        path.mkdir(parents=True, exist_ok=True)
-        self.g.policy.save_checkpoint(str(path / "policy"))
+        self.g.policy.save_checkpoint(storage.join(path, "policy"))  # every rank uploads its shard
         if self.g.critic is not None:
-            self.g.critic.save_checkpoint(str(path / "critic"))
+            self.g.critic.save_checkpoint(storage.join(path, "critic"))
         ckpt.write_driver_state(path, self.state_dict())
         maybe_fail("driver", "checkpoint")
         ckpt.mark_complete(path, self.step_index)  # last: only now does the checkpoint count
@@ -303,16 +306,16 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         resume = self.cfg.trainer.resume
-        path = None if resume == "never" else ckpt.latest(self.checkpoint_root) if resume == "auto" else Path(resume)
+        path = None if resume == "never" else ckpt.latest(self.checkpoint_root) if resume == "auto" else resume
         if path is None:
             return
         if not ckpt.is_complete(path):
             raise FileNotFoundError(f"trainer.resume: {path} is not a complete checkpoint (no {ckpt.MARKER})")
         state = ckpt.read_driver_state(path)
         ckpt.check_config(state, config_hash(self.cfg), self.cfg.trainer.resume_ignore_config, path)
-        self.g.policy.load_checkpoint(str(path / "policy"))
+        self.g.policy.load_checkpoint(storage.join(path, "policy"))
         if self.g.critic is not None:
-            self.g.critic.load_checkpoint(str(path / "critic"))
+            self.g.critic.load_checkpoint(storage.join(path, "critic"))
         self.step_index, self.weight_version = state["step"], state["weight_version"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.sampler.load_state_dict(state["sampler"])
@@ -345,21 +348,22 @@ class Trainer:
         return handler()
 
     # ------------------------------------------------------------------ the end
-    def evaluate(self, prompts: list[str], n: int = 1) -> dict[str, float]:
+    def evaluate(self, prompts: list[PromptInput], n: int = 1) -> dict[str, float]:
         """Gold and proxy reward of ``n`` samples per held-out prompt from the current policy."""
         ids, kept = tokenize_prompts_with_index(self.tokenizer, prompts, self.cfg.data.max_prompt_len, "truncate")
         samples = self.g.rollout.generate(ids, seed=self.cfg.seed + 7, min_version=self.weight_version, n=n)
         texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        scored = self.g.reward.score([prompts[kept[s.prompt_index]] for s in samples], texts)
+        scored = self.g.reward.score([render_prompt(self.tokenizer, prompts[kept[s.prompt_index]]) for s in samples], texts)
         out = {"eval/reward": float(torch.tensor(scored["reward"]).nanmean())}
         if "gold" in scored:
             out["eval/gold"] = float(torch.tensor(scored["gold"]).nanmean())
         return out
 
     def finish(self, history: list[dict]) -> dict:
-        final = self.run_dir / "final"
-        self.g.policy.save_hf(str(final))
-        self.tokenizer.save_pretrained(str(final))
+        final = storage.join(self.output_root, "final")
+        self.g.policy.save_hf(final)
+        with storage.local_dir(final) as local:
+            self.tokenizer.save_pretrained(local)
         summary = {"steps": self.step_index, "weight_version": self.weight_version,
                    "engine_versions": self.sync.engine_versions, "final_model": str(final), "startup": self.startup}
         if history:
@@ -367,4 +371,6 @@ class Trainer:
         if self.eval_prompts:
             summary.update(self.evaluate(self.eval_prompts))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        if self.output_root != str(self.run_dir):  # metrics, TensorBoard, summary next to final/
+            storage.upload(self.run_dir, self.output_root)
         return summary

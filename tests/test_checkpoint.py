@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rlhf_ray import checkpoint as ckpt
@@ -9,18 +11,17 @@ from rlhf_ray import checkpoint as ckpt
 
 def make(root, step, complete=True):
     p = ckpt.step_dir(root, step)
-    p.mkdir(parents=True)
     ckpt.write_driver_state(p, {"step": step, "config_hash": "h"})
     if complete:
         ckpt.mark_complete(p, step)
-    return p
+    return Path(p)
 
 
 def test_latest_ignores_incomplete(tmp_path):
     make(tmp_path, 1)
     make(tmp_path, 2)
     make(tmp_path, 3, complete=False)
-    assert ckpt.latest(tmp_path).name == "step_00000002"
+    assert Path(ckpt.latest(tmp_path)).name == "step_00000002"
     assert ckpt.latest(tmp_path / "missing") is None
 
 
@@ -31,9 +32,9 @@ def test_prune_keeps_newest_and_drops_stale_partials(tmp_path):
     make(tmp_path, 4)
     partial_new = make(tmp_path, 5, complete=False)  # being written right now: keep
     deleted = ckpt.prune(tmp_path, keep=2)
-    assert sorted(p.name for p in deleted) == ["step_00000001", "step_00000003"]
+    assert sorted(Path(p).name for p in deleted) == ["step_00000001", "step_00000003"]
     assert not partial_old.exists() and partial_new.exists()
-    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    assert [Path(p).name for p in ckpt.checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
 
 
 def test_config_mismatch_is_refused_unless_asked(tmp_path):

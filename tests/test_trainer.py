@@ -303,7 +303,7 @@ def test_checkpoint_round_trip_restores_the_driver_state(tmp_path):
     second.maybe_resume()
     assert second.state_dict() == saved
     path = ckpt.step_dir(tmp_path / "checkpoints", 2)
-    assert second.g.policy.loaded == [str(path / "policy")]
+    assert second.g.policy.loaded == [f"{path}/policy"]  # step_dir gives a str (path or URI)
     assert second.g.rollout.held == {"rollout-0": 2, "rollout-1": 2}  # engines got the weights back
 
     # both continue identically: the same prompts next, the same KL coefficient in the update

@@ -1,53 +1,54 @@
 """Loading and validating prompt, SFT and preference data (the built-in task's and users' own).
 
-Every file goes through the same path: read rows (JSON lines, or parquet via
-pyarrow), validate each row, normalise it to a fixed schema and hand the result
-to Hugging Face ``datasets``. Bad rows raise :class:`DataError` *before*
-anything is trained, with one ``"<file>:<line>: <problem>"`` line per bad row
-(up to :data:`MAX_REPORTED` of them; parquet rows read ``"<file>:row <i>"``).
+Every source goes through the same path: read rows (:mod:`rlhf_ray.data.sources`: JSON lines,
+parquet, a ``save_to_disk`` directory, or ``hf:NAME?split=S`` via ``datasets.load_dataset``),
+validate each row, normalise it to a fixed schema and hand the result to Hugging Face
+``datasets``. Bad rows raise :class:`DataError` *before* anything is trained, with one
+``"<file>:<line>: <problem>"`` line per bad row (up to :data:`MAX_REPORTED` of them; other
+sources read ``"<source>:row <i>"``).
 
-Normalised schemas (extra columns are dropped):
+Rows are raw text or chat (OpenAI-style ``[{"role", "content"}, ...]`` lists, rendered later
+with the tokenizer's chat template, :mod:`rlhf_ray.data.chat`). Normalised schemas (extra
+columns are dropped; ``messages`` is empty for raw-text rows, ``prompt``/``response`` are empty
+for chat rows):
 
-* prompts      ``{"prompt": str}``
-* SFT          ``{"prompt": str, "response": str}``
-* comparisons  ``{"prompt": str, "completions": [str, ...]}`` ranked best -> worst, >= 2 items;
-  rows of the form ``{"prompt", "chosen", "rejected"}`` become ``completions=[chosen, rejected]``.
+* prompts      ``{"prompt": str, "messages": [...]}``; chat rows end with a user turn
+* SFT          ``{"prompt": str, "response": str, "messages": [...]}``; chat rows end with the
+  assistant turn (every assistant turn is trained on)
+* comparisons  ``{"prompt": str, "messages": [...], "completions": [str, ...]}`` ranked
+  best -> worst, >= 2 items (for chat rows: the assistant replies to ``messages``). Accepted:
+  ``{"prompt"|"messages", "completions": [...]}``, ``{"prompt"|"messages", "chosen", "rejected"}``
+  with strings or assistant message lists, and ``{"chosen": [...], "rejected": [...]}`` as two
+  whole conversations that share everything but the last (assistant) turn.
 
-This module also owns prompt tokenization with a length policy
-(:func:`tokenize_prompts`).
+This module also owns prompt tokenization with a length policy (:func:`tokenize_prompts`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import datasets
 
+from rlhf_ray.data.chat import ChatError, Messages, PromptInput, check_messages, prompt_token_ids
+from rlhf_ray.data.sources import RowProblem, SourceError, iter_rows
+
 MAX_REPORTED = 10
 """How many bad rows one DataError lists."""
 
-JSONL_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
-
 Row = dict[str, Any]
-# A row check returns the normalised row, or raises _RowProblem.
+# A row check returns the normalised row, or raises RowProblem / ChatError.
 RowCheck = Callable[[Any], Row]
 
 
 class DataError(ValueError):
-    """Bad data: the message names ``file:line`` (or ``file:row i``) and the field of each problem."""
+    """Bad data: the message names ``file:line`` (or ``source:row i``) and the field of each problem."""
 
     def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.problems = list(problems)
-
-
-class _RowProblem(Exception):
-    """Raised by row checks; the loader prefixes the location."""
 
 
 # --------------------------------------------------------------------------- row checks
@@ -55,38 +56,54 @@ class _RowProblem(Exception):
 
 def _require_object(row: Any) -> dict[str, Any]:
     if not isinstance(row, dict):
-        raise _RowProblem(f"row must be a JSON object, got {type(row).__name__}")
+        raise RowProblem(f"row must be a JSON object, got {type(row).__name__}")
     return row
+
+
+def _present(row: dict[str, Any], key: str) -> bool:
+    return row.get(key) is not None  # parquet / datasets rows carry None for absent fields
 
 
 def _require_str(row: dict[str, Any], key: str) -> str:
     if key not in row:
-        raise _RowProblem(f"missing field {key!r}")
+        raise RowProblem(f"missing field {key!r}")
     value = row[key]
     if not isinstance(value, str):
-        raise _RowProblem(f"field {key!r} must be a string, got {type(value).__name__}")
+        raise RowProblem(f"field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise _RowProblem(f"field {key!r} is an empty string")
+        raise RowProblem(f"field {key!r} is an empty string")
     return value
 
 
-def _require_completions(row: dict[str, Any], key: str = "completions") -> list[str]:
-    value = row[key]
+def _prompt_of(row: dict[str, Any], prompt_key: str) -> tuple[str, Messages]:
+    """``(text, [])`` of a raw prompt or ``("", messages)`` of a chat prompt (ending with a user
+    turn), from ``messages`` or from a ``prompt_key`` field that holds a message list."""
+    if _present(row, "messages"):
+        return "", check_messages(row["messages"], "messages", last_role="user")
+    if isinstance(row.get(prompt_key), list):
+        return "", check_messages(row[prompt_key], prompt_key, last_role="user")
+    return _require_str(row, prompt_key), []
+
+
+def _reply(value: Any, key: str) -> tuple[str, Messages]:
+    """A completion: a non-empty string, an assistant message, or a message list ending with one.
+    Returns its text and the turns before it (empty unless a whole conversation was given)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowProblem(f"field {key} is an empty string")
+        return value, []
+    if isinstance(value, dict):
+        value = [value]
     if not isinstance(value, list):
-        raise _RowProblem(f"field {key!r} must be a list of strings, got {type(value).__name__}")
-    if len(value) < 2:
-        raise _RowProblem(f"field {key!r} needs at least 2 ranked completions, got {len(value)}")
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _RowProblem(f"field {key!r} item {i} must be a string, got {type(item).__name__}")
-        if not item.strip():
-            raise _RowProblem(f"field {key!r} item {i} is an empty string")
-    return value
+        raise RowProblem(f"field {key} must be a string or a message list, got {type(value).__name__}")
+    turns = check_messages(value, key, last_role="assistant")
+    return turns[-1]["content"], turns[:-1]
 
 
 def _prompt_check(prompt_key: str) -> RowCheck:
     def check(row: Any) -> Row:
-        return {"prompt": _require_str(_require_object(row), prompt_key)}
+        text, messages = _prompt_of(_require_object(row), prompt_key)
+        return {"prompt": text, "messages": messages}
 
     return check
 
@@ -94,109 +111,98 @@ def _prompt_check(prompt_key: str) -> RowCheck:
 def _sft_check(prompt_key: str, response_key: str) -> RowCheck:
     def check(row: Any) -> Row:
         obj = _require_object(row)
-        return {"prompt": _require_str(obj, prompt_key), "response": _require_str(obj, response_key)}
+        if _present(obj, "messages"):
+            return {"prompt": "", "response": "",
+                    "messages": check_messages(obj["messages"], "messages", last_role="assistant")}
+        return {"prompt": _require_str(obj, prompt_key), "response": _require_str(obj, response_key), "messages": []}
 
     return check
 
 
 def _comparison_check(row: Any) -> Row:
     obj = _require_object(row)
-    prompt = _require_str(obj, "prompt")
-    if "completions" in obj:
-        return {"prompt": prompt, "completions": _require_completions(obj)}
-    if "chosen" in obj or "rejected" in obj:
-        return {"prompt": prompt, "completions": [_require_str(obj, "chosen"), _require_str(obj, "rejected")]}
-    raise _RowProblem("missing field 'completions' (or the pair 'chosen'/'rejected')")
+    if _present(obj, "completions"):
+        value = obj["completions"]
+        if not isinstance(value, list):
+            raise RowProblem(f"field 'completions' must be a list of strings, got {type(value).__name__}")
+        if len(value) < 2:
+            raise RowProblem(f"field 'completions' needs at least 2 ranked completions, got {len(value)}")
+        replies = [_reply(item, f"'completions' item {i}")[0] for i, item in enumerate(value)]
+        text, messages = _prompt_of(obj, "prompt")
+        return {"prompt": text, "messages": messages, "completions": replies}
+    if _present(obj, "chosen") or _present(obj, "rejected"):
+        for key in ("chosen", "rejected"):
+            if not _present(obj, key):
+                raise RowProblem(f"missing field {key!r}")
+        (chosen, before_c), (rejected, before_r) = _reply(obj["chosen"], "'chosen'"), _reply(obj["rejected"], "'rejected'")
+        if before_c or before_r:  # two whole conversations: the shared turns are the prompt
+            if before_c != before_r:
+                raise RowProblem("'chosen' and 'rejected' conversations differ before their last turn")
+            if before_c[-1]["role"] != "user":
+                raise RowProblem("the turns before the 'chosen'/'rejected' reply must end with a user turn")
+            return {"prompt": "", "messages": before_c, "completions": [chosen, rejected]}
+        text, messages = _prompt_of(obj, "prompt")
+        return {"prompt": text, "messages": messages, "completions": [chosen, rejected]}
+    raise RowProblem("missing field 'completions' (or the pair 'chosen'/'rejected')")
 
 
-# --------------------------------------------------------------------------- readers
+# --------------------------------------------------------------------------- reading
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, parsed row) per non-blank line; yields (location, _RowProblem) for unreadable lines."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # tolerate a UTF-8 byte-order mark, as editors on Windows write one
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, _RowProblem(f"invalid UTF-8 at byte {e.start} of the line")
-                continue
-            if not text.strip():
-                continue  # blank lines (e.g. a trailing newline) are allowed
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield where, _RowProblem(f"invalid JSON: {e.msg} (column {e.colno})")
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq  # pyarrow comes with `datasets`
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: cannot read parquet file: {e}") from e
-    for i, row in enumerate(table.to_pylist()):
-        yield f"{path}:row {i}", row
-
-
-def _read_rows(path: str | os.PathLike[str], check: RowCheck) -> list[Row]:
-    """Validated, normalised rows of one file; DataError listing the bad ones."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
-    suffix = p.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        rows = _iter_jsonl(p)
-    elif suffix in PARQUET_SUFFIXES:
-        rows = _iter_parquet(p)
-    else:
-        raise DataError(f"{p}: unsupported file type {suffix!r} (use JSON lines: .jsonl/.json, or .parquet)")
+def _read_rows(source: str | os.PathLike[str], check: RowCheck) -> list[Row]:
+    """Validated, normalised rows of one source; DataError listing the bad ones."""
     good: list[Row] = []
     problems: list[str] = []
     n_bad = 0
-    for where, row in rows:
-        try:
-            if isinstance(row, _RowProblem):
-                raise row
-            good.append(check(row))
-        except _RowProblem as e:
-            n_bad += 1
-            if len(problems) < MAX_REPORTED:
-                problems.append(f"{where}: {e}")
+    try:
+        for where, row in iter_rows(source):
+            try:
+                if isinstance(row, RowProblem):
+                    raise row
+                good.append(check(row))
+            except (RowProblem, ChatError) as e:
+                n_bad += 1
+                if len(problems) < MAX_REPORTED:
+                    problems.append(f"{where}: {e}")
+    except SourceError as e:
+        raise DataError(str(e)) from e
     if n_bad:
-        more = f"\n... and {n_bad - len(problems)} more bad rows in {p}" if n_bad > len(problems) else ""
+        more = f"\n... and {n_bad - len(problems)} more bad rows in {source}" if n_bad > len(problems) else ""
         raise DataError("\n".join(problems) + more, problems)
     if not good:
-        raise DataError(f"{p}: no rows (the file is empty or has only blank lines)")
+        raise DataError(f"{source}: no rows (the file is empty or has only blank lines)")
     return good
 
 
 _STR = datasets.Value("string")
+_MESSAGES = datasets.List({"role": _STR, "content": _STR})
 
 
-def load_prompt_dataset(path: str | os.PathLike[str], *, prompt_key: str = "prompt") -> datasets.Dataset:
-    """Prompts for RL: column ``prompt`` (read from ``prompt_key``)."""
-    rows = _read_rows(path, _prompt_check(prompt_key))
-    return datasets.Dataset.from_list(rows, features=datasets.Features({"prompt": _STR}))
+def load_prompt_dataset(source: str | os.PathLike[str], *, prompt_key: str = "prompt") -> datasets.Dataset:
+    """Prompts for RL: columns ``prompt`` (read from ``prompt_key``) and ``messages``."""
+    rows = _read_rows(source, _prompt_check(prompt_key))
+    return datasets.Dataset.from_list(rows, features=datasets.Features({"prompt": _STR, "messages": _MESSAGES}))
 
 
 def load_sft_dataset(
-    path: str | os.PathLike[str], *, prompt_key: str = "prompt", response_key: str = "response"
+    source: str | os.PathLike[str], *, prompt_key: str = "prompt", response_key: str = "response"
 ) -> datasets.Dataset:
-    """Demonstrations: columns ``prompt``, ``response`` (the response carries no EOS text)."""
-    rows = _read_rows(path, _sft_check(prompt_key, response_key))
-    return datasets.Dataset.from_list(rows, features=datasets.Features({"prompt": _STR, "response": _STR}))
-
-
-def load_comparison_dataset(path: str | os.PathLike[str]) -> datasets.Dataset:
-    """Preferences: columns ``prompt``, ``completions`` (best -> worst); chosen/rejected rows normalised."""
-    rows = _read_rows(path, _comparison_check)
-    features = datasets.Features({"prompt": _STR, "completions": datasets.List(_STR)})
+    """Demonstrations: columns ``prompt``, ``response`` (no EOS text) and ``messages``."""
+    rows = _read_rows(source, _sft_check(prompt_key, response_key))
+    features = datasets.Features({"prompt": _STR, "response": _STR, "messages": _MESSAGES})
     return datasets.Dataset.from_list(rows, features=features)
+
+
+def load_comparison_dataset(source: str | os.PathLike[str]) -> datasets.Dataset:
+    """Preferences: columns ``prompt``, ``messages``, ``completions`` (best -> worst)."""
+    rows = _read_rows(source, _comparison_check)
+    features = datasets.Features({"prompt": _STR, "messages": _MESSAGES, "completions": datasets.List(_STR)})
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def prompt_inputs(ds: datasets.Dataset) -> list[PromptInput]:
+    """Each row's prompt as raw text or as its message list (what the tokenization takes)."""
+    return [m if m else p for p, m in zip(ds["prompt"], ds["messages"], strict=True)]
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -205,13 +211,14 @@ PromptLengthPolicy = Literal["truncate", "skip", "error"]
 
 
 def tokenize_prompts_with_index(
-    tokenizer: Any, prompts: Sequence[str], max_prompt_len: int, policy: PromptLengthPolicy = "truncate"
+    tokenizer: Any, prompts: Sequence[PromptInput], max_prompt_len: int, policy: PromptLengthPolicy = "truncate"
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids of the kept prompts and the indices (into ``prompts``) they came from.
 
-    The tokenizer's own special tokens are added (a BOS for tokenizers that use
-    one, nothing for the built-in character tokenizer), as vLLM does for text
-    prompts. Too-long prompts are, by ``policy``:
+    Raw-text prompts get the tokenizer's own special tokens (a BOS for tokenizers
+    that use one, nothing for the built-in character tokenizer), as vLLM does for
+    text prompts; message lists are rendered with the chat template
+    (:func:`rlhf_ray.data.chat.prompt_token_ids`). Too-long prompts are, by ``policy``:
 
     * ``"truncate"``: cut from the LEFT, keeping the end of the prompt (the
       part the response continues from); a leading BOS is kept;
@@ -224,7 +231,10 @@ def tokenize_prompts_with_index(
         raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
     if not prompts:
         return [], []
-    encoded = tokenizer(list(prompts))["input_ids"]
+    try:
+        encoded = prompt_token_ids(tokenizer, prompts)
+    except ChatError as e:
+        raise DataError(f"prompts: {e}") from e
     bos = getattr(tokenizer, "bos_token_id", None)
     kept_ids: list[list[int]] = []
     kept_index: list[int] = []
@@ -233,7 +243,7 @@ def tokenize_prompts_with_index(
         if len(ids) > max_prompt_len:
             if policy == "error":
                 raise DataError(
-                    f"prompt {i} has {len(ids)} tokens, more than max_prompt_len={max_prompt_len}: {prompts[i][:80]!r}"
+                    f"prompt {i} has {len(ids)} tokens, more than max_prompt_len={max_prompt_len}: {str(prompts[i])[:80]!r}"
                 )
             if policy == "skip":
                 continue
@@ -245,7 +255,7 @@ def tokenize_prompts_with_index(
 
 
 def tokenize_prompts(
-    tokenizer: Any, prompts: Sequence[str], max_prompt_len: int, policy: PromptLengthPolicy = "truncate"
+    tokenizer: Any, prompts: Sequence[PromptInput], max_prompt_len: int, policy: PromptLengthPolicy = "truncate"
 ) -> tuple[list[list[int]], int]:
     """``(token_id_lists, n_skipped)``; see :func:`tokenize_prompts_with_index` for the policies.
 

@@ -1,13 +1,13 @@
 """Writes the built-in task's data files (prompts, SFT demos, ranked comparisons).
 
-Files written into ``out_dir`` (JSON lines, one object per line):
+Files written into ``out_dir`` (JSON lines, one object per line), in chat format so that the
+default run goes through the tokenizer's chat template like users' chat data:
 
-* ``prompts_{train,eval}.jsonl``      ``{"prompt": str}``                 (PPO prompts)
-* ``sft_{train,eval}.jsonl``          ``{"prompt": str, "response": str}`` (noisy demos)
-* ``comparisons_{train,eval}.jsonl``  ``{"prompt": str, "completions": [k strings, best -> worst]}``
+* ``prompts_{train,eval}.jsonl``      ``{"messages": [user]}``                (PPO prompts)
+* ``sft_{train,eval}.jsonl``          ``{"messages": [user, assistant]}``     (noisy demos)
+* ``comparisons_{train,eval}.jsonl``  ``{"messages": [user], "completions": [k strings, best -> worst]}``
 
-Responses and completions carry no EOS text: trainers append the tokenizer's
-EOS token. Prompts are split into train and eval by a hash of their text, so no
+Contents carry no EOS text: the chat template ends an assistant turn with the EOS token. Prompts are split into train and eval by a hash of their text, so no
 eval prompt of any file appears in any train file. Every file has its own
 random stream derived from ``seed``, so generating a missing file alone gives
 the same bytes as generating all of them (that is what makes
@@ -84,12 +84,14 @@ def _rows(
     """``n`` rows of one file; ``kind`` is prompts | sft | comparisons."""
     for _ in range(n):
         prompt = split_prompt(rng, split, spec)
+        user = [{"role": "user", "content": prompt}]
         if kind == "prompts":
-            yield {"prompt": prompt}
+            yield {"messages": user}
         elif kind == "sft":
-            yield {"prompt": prompt, "response": demonstrate(rng, prompt, spec, demo)}
+            yield {"messages": user + [{"role": "assistant", "content": demonstrate(rng, prompt, spec, demo)}]}
         else:
-            yield comparison_row(rng, prompt, k, spec, demo)
+            row = comparison_row(rng, prompt, k, spec, demo)
+            yield {"messages": user, "completions": row["completions"]}
 
 
 def _write_jsonl_atomic(path: Path, rows: Iterator[dict[str, object]]) -> None:
@@ -136,7 +138,7 @@ def generate_task_data(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"seed": seed, "k": k, "task": asdict(spec), "demonstrator": asdict(demo)}
+    meta = {"format": DATA_FORMAT, "seed": seed, "k": k, "task": asdict(spec), "demonstrator": asdict(demo)}
     meta.update({f"n_{kind}_{split}": n for (kind, split), n in sizes.items()})
     meta_path = out / META_FILE
     if keep_existing and meta_path.exists():
@@ -155,6 +157,16 @@ def generate_task_data(
         _write_jsonl_atomic(paths[name], _rows(kind, split, n, rng, k, spec, demo))
     meta_path.write_text(json.dumps(meta, sort_keys=True) + "\n", encoding="utf-8")
     return paths
+
+
+DATA_FORMAT = "chat"
+"""Row format of the files; part of the cache directory's name, so that caches written in an
+older format are not reused."""
+
+
+def task_data_dir(cache_dir: str | os.PathLike[str], seed: int) -> Path:
+    """Where the built-in task's data of ``seed`` lives under a cache directory."""
+    return Path(cache_dir) / f"task-data-{DATA_FORMAT}-s{seed}"
 
 
 def ensure_task_data(out_dir: str | os.PathLike[str], seed: int = 0, **kwargs: Any) -> dict[str, Path]:

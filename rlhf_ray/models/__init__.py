@@ -1,7 +1,7 @@
 """Models and tokenizers: the built-in tiny Llama + character tokenizer, and the loaders
 every role (policy, reference, critic, reward) goes through."""
 
-from rlhf_ray.models.build import build_tiny_llama, ensure_tiny_llama, tiny_llama_config
+from rlhf_ray.models.build import build_tiny_llama, build_tiny_model, ensure_tiny_llama, tiny_llama_config
 from rlhf_ray.models.load import (
     ModelDirError,
     check_model_dir,
@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_ALPHABET",
     "build_char_tokenizer",
     "build_tiny_llama",
+    "build_tiny_model",
     "check_tokenizer_matches_model",
     "ensure_tiny_llama",
     "load_causal_lm",

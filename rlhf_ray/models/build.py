@@ -4,8 +4,8 @@ Nothing can be downloaded, so the default policy is made here: a
 ``LlamaForCausalLM`` from a small ``LlamaConfig``, random-initialised from a
 seed, saved as a normal Hugging Face model directory (``config.json``,
 ``model.safetensors``, ``generation_config.json``, ``tokenizer.json``,
-``tokenizer_config.json``) that transformers and vLLM load like any
-checkpoint. With the defaults it has about 1.1 M parameters.
+``tokenizer_config.json``, ``chat_template.jinja``) that transformers and vLLM load like any
+checkpoint. With the defaults it has about 2.4 M parameters.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from rlhf_ray.models.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 
@@ -75,7 +81,6 @@ def build_tiny_llama(
     directory and moved in with ``config.json`` last, so a crash mid-build never
     leaves a directory that :func:`ensure_tiny_llama` would take as complete.
     """
-    out = Path(out_dir)
     tokenizer = build_char_tokenizer(alphabet)
     config = tiny_llama_config(
         len(tokenizer),
@@ -88,15 +93,25 @@ def build_tiny_llama(
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
     )
+    return build_tiny_model(out_dir, config, tokenizer, seed=seed)
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike[str], config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, *,
+    seed: int = 0, eos_token_ids: list[int] | None = None,
+) -> Path:
+    """A random-init causal LM of any architecture ``config`` names (``AutoModelForCausalLM``),
+    saved with ``tokenizer`` into ``out_dir`` (safetensors, atomically: ``config.json`` last).
+    ``eos_token_ids`` (default: the tokenizer's EOS) go into ``generation_config.json``."""
+    out = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(torch.float32)
     # Sampling defaults are the rollout config's business; the file only has to agree
     # with the tokenizer on the special ids (vLLM and HF generate read it).
+    eos = eos_token_ids or tokenizer.eos_token_id
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
@@ -115,9 +130,17 @@ def build_tiny_llama(
     return out
 
 
-def ensure_tiny_llama(out_dir: str | os.PathLike[str], **kwargs: object) -> Path:
-    """Build the tiny Llama into ``out_dir`` unless ``config.json`` is already there."""
+def is_current_build(out_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``out_dir`` holds a complete build of this version (a tokenizer with the chat
+    template: caches built before the template existed are not)."""
     out = Path(out_dir)
-    if not (out / "config.json").is_file():
+    return (out / "config.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+def ensure_tiny_llama(out_dir: str | os.PathLike[str], **kwargs: object) -> Path:
+    """Build the tiny Llama into ``out_dir`` unless a current build is already there (an older
+    build, e.g. one without a chat template, is rebuilt in place)."""
+    out = Path(out_dir)
+    if not is_current_build(out):
         build_tiny_llama(out, **kwargs)  # type: ignore[arg-type]
     return out

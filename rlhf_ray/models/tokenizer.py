@@ -12,6 +12,12 @@ targets themselves. Decoding ids gives back the exact string (with
 ``skip_special_tokens=True`` the specials vanish; without it they appear as
 ``<eos>`` etc.). ``padding_side`` is left at "right"; callers that need left
 padding (generation batches) set it.
+
+It ships a chat template (:data:`CHAT_TEMPLATE`) in the task's own plain format, so chat
+rows work with the built-in model exactly as with real chat models: a system turn is its text
+and a newline, a user turn its text, an assistant turn its text and ``<eos>`` (the token the
+model stops on); the generation prompt adds nothing. A one-turn chat prompt therefore renders
+to its text alone, and a demonstration ``[user, assistant]`` to ``prompt + response + <eos>``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 # punctuation, space and newline.
 DEFAULT_ALPHABET = (
     string.ascii_lowercase + string.ascii_uppercase + string.digits + " \n" + string.punctuation
+)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+    "{% elif m['role'] == 'system' %}{{ m['content'] + '\\n' }}"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
 )
 
 
@@ -57,4 +72,5 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenize
         clean_up_tokenization_spaces=False,  # would delete spaces before punctuation
         model_max_length=1_000_000,
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rlhf_ray import storage
 from rlhf_ray.algo import LossNormalizer
 from rlhf_ray.batch import Experience
 from rlhf_ray.config import LearnerConfig
@@ -256,25 +257,29 @@ class DeepSpeedRank:
         return contextlib.nullcontext()
 
     def save_hf(self, path: str) -> None:
-        """Save the full model in Hugging Face format (safetensors); rank 0 writes."""
+        """Save the full model in Hugging Face format (safetensors); rank 0 writes (a URI: uploads)."""
         with self.full_state():
             if self.rank == 0:
                 state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
-                self.engine.module.save_pretrained(path, state_dict=state)  # safetensors (transformers 5)
+                with storage.local_dir(path) as local:
+                    self.engine.module.save_pretrained(local, state_dict=state)  # safetensors (transformers 5)
 
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR schedule; every rank writes its shards)
-        plus this rank's RNG states."""
-        self.engine.save_checkpoint(path, tag="ds", save_latest=False)
-        Path(path, f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
+        plus this rank's RNG states. For a URI ``path`` each rank writes locally and uploads its
+        own files; the caller marks the checkpoint complete after every rank has returned."""
+        with storage.local_dir(path) as local:
+            self.engine.save_checkpoint(local, tag="ds", save_latest=False)
+            Path(local, f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
 
     def load_checkpoint(self, path: str) -> None:
-        loaded, _ = self.engine.load_checkpoint(
-            path, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if loaded is None:
-            raise FileNotFoundError(f"{self!r}: no DeepSpeed checkpoint in {path}")
-        set_rng_state(json.loads(Path(path, f"rng_rank{self.rank}.json").read_text()))
+        with storage.fetched(path) as local:
+            loaded, _ = self.engine.load_checkpoint(
+                local, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if loaded is None:
+                raise FileNotFoundError(f"{self!r}: no DeepSpeed checkpoint in {path}")
+            set_rng_state(json.loads(Path(local, f"rng_rank{self.rank}.json").read_text()))
 
     def parameter_checksum(self) -> float:
         """Sum of all full weights (a cheap 'did the weights change' probe)."""

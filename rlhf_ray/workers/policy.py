@@ -1,7 +1,11 @@
 """Policy learner rank: DeepSpeed ZeRO policy that computes logprobs, runs the policy update
 of the configured algorithm (its loss from the algorithm table, with the off-policy IS
 correction between vLLM's behaviour logprobs and the learner's), and streams its weights to
-the rollout engines."""
+the rollout engines.
+
+With LoRA (``model.lora.rank > 0``) the rank trains PEFT adapters on a frozen base; the same
+module with its adapters disabled is the reference policy (``compute_ref_logprobs``), and the
+engines receive the merged weights under the base model's names (``models.lora``)."""
 
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ from rlhf_ray.algo import (
     resolve_off_policy_mode,
 )
 from rlhf_ray.batch import Experience
-from rlhf_ray.config import AlgoConfig
+from rlhf_ray.config import AlgoConfig, LoRAConfig
 from rlhf_ray.models import load_causal_lm
+from rlhf_ray.models.lora import apply_lora, merged_weights
 from rlhf_ray.sync.buckets import TensorMeta, pack
 from rlhf_ray.sync.group import create_group, host_store, node_ip
 from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
@@ -32,14 +37,27 @@ POLICY_LOSSES = {"ppo": ppo_policy_loss, "gspo": gspo_policy_loss, "cispo": cisp
 class PolicyWorker(DeepSpeedRank):
     role = "policy"
 
-    def __init__(self, *args, algo: AlgoConfig, temperature: float = 1.0, max_staleness: int = 0, **kwargs):
+    def __init__(self, *args, algo: AlgoConfig, temperature: float = 1.0, max_staleness: int = 0,
+                 lora: LoRAConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.algo, self.temperature = algo, temperature
+        self.algo, self.temperature, self.lora = algo, temperature, lora or LoRAConfig()
         self.off_policy = resolve_off_policy_mode(algo.off_policy_correction, max_staleness)
         self.sync_group = None
 
     def build_model(self) -> torch.nn.Module:
-        return load_causal_lm(self.model_path, dtype=self.torch_dtype, trust_remote_code=self.trust_remote_code)
+        model = load_causal_lm(self.model_path, dtype=self.torch_dtype, trust_remote_code=self.trust_remote_code)
+        return apply_lora(model, self.lora) if self.lora.rank else model
+
+    def compute_ref_logprobs(self, exp: Experience) -> torch.Tensor:
+        """(B, A) logprobs under the base model (LoRA adapters disabled): the reference policy."""
+        with self.engine.module.disable_adapter():
+            return self.compute_logprobs(exp)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """What the engines load, by HF name: the parameters, or with LoRA the merged weights."""
+        if self.lora.rank:
+            return merged_weights(self.engine.module)
+        return dict(self.engine.module.named_parameters())
 
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
         """(B, A) logprobs of the response tokens under the current weights."""
@@ -101,7 +119,7 @@ class PolicyWorker(DeepSpeedRank):
     def weight_manifest(self) -> list[TensorMeta]:
         return [
             TensorMeta(name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
-            for name, p in self.engine.module.named_parameters()
+            for name, p in self._weights().items()
         ]
 
     def weight_group_address(self, world_size: int) -> tuple[str, int]:
@@ -118,7 +136,7 @@ class PolicyWorker(DeepSpeedRank):
         import deepspeed
         import ray
 
-        params = dict(self.engine.module.named_parameters())
+        params = self._weights()
         refs = []
         for bucket in plan:
             tensors = [params[m.name] for m in bucket]
@@ -132,3 +150,20 @@ class PolicyWorker(DeepSpeedRank):
                 else:
                     self.sync_group.broadcast(flat, 0).wait()
         return refs
+
+    def save_hf(self, path: str) -> None:
+        """The HF model (safetensors); with LoRA the merged model at ``path`` (loads as the base
+        architecture, in transformers and vLLM alike) and the PEFT adapter at ``path/adapter``."""
+        if not self.lora.rank:
+            return super().save_hf(path)
+        if self.rank == 0:
+            from pathlib import Path
+
+            from rlhf_ray import storage
+
+            module = self.engine.module
+            merged = {k: v.detach().cpu().clone() for k, v in merged_weights(module).items()}
+            with storage.local_dir(path) as local:
+                module.save_pretrained(str(Path(local, "adapter")))
+                module.get_base_model().save_pretrained(local, state_dict=merged)
+        return None

@@ -25,6 +25,7 @@ import time
 from rlhf_ray.batch import RolloutSample
 from rlhf_ray.config import RolloutConfig
 from rlhf_ray.faults import maybe_fail
+from rlhf_ray.sampling import sampling_params
 from rlhf_ray.sync.buckets import TensorMeta
 
 RECEIVER = "rlhf_ray.sync.receiver.WeightReceiver"
@@ -53,7 +54,7 @@ class RolloutWorker:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.name, self.cfg = name, cfg
+        self.name, self.cfg, self.model_path = name, cfg, model_path
         extra = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if device == "cuda" else {}
         self.llm = LLM(
             model=model_path,
@@ -94,10 +95,7 @@ class RolloutWorker:
                 raise StaleWeightsError(f"{self.name} holds weights v{self.version}, trainer is at v{min_version}")
 
     def _params(self, n: int, seed: int, max_tokens: int):
-        from vllm import SamplingParams
-
-        return SamplingParams(n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=max_tokens,
-                              logprobs=0, seed=seed)
+        return sampling_params(self.cfg, self.model_path, seed=seed, n=n, max_tokens=max_tokens)
 
     def _run(self, requests: list[dict], params: list) -> tuple[list, int]:
         """One ``LLM.generate`` under the engine lock, after any pending weight load; returns

@@ -7,7 +7,10 @@ rank shared with the policy and critic:
 
 This module also owns the two batch layouts and the tokenization that builds them. The reward
 model sees exactly what ``workers.reward.ModelScorer`` scores during RL: the text
-``prompt + completion`` (no EOS), right-padded, scored at its last real token.
+``prompt + completion`` (no EOS), right-padded, scored at its last real token; for chat rows the
+prompt text is the chat template's rendering with the generation prompt (what the policy saw).
+SFT chat rows are tokenized with :func:`rlhf_ray.data.chat.encode_conversation`: the loss
+covers every assistant turn (its end-of-turn token included) and nothing else.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from rlhf_ray.algo import ranking_loss, sft_loss
+from rlhf_ray.data.chat import ChatError, Messages, encode_conversation, render_prompt
 from rlhf_ray.data.datasets import DataError
 from rlhf_ray.models import load_causal_lm, load_reward_model
 from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
@@ -76,33 +80,47 @@ def _check_len(n: int, max_len: int, where: str) -> None:
 
 
 def encode_demonstrations(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_len: int,
-                          source: str = "demonstrations") -> DemonstrationBatch:
-    """Prompt and response are tokenized separately (as rollout sees them: the engine gets the
-    prompt's ids and generates the response's), EOS is appended to the response."""
-    prompt_ids = tokenizer(list(prompts))["input_ids"]
-    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    rows, targets = [], []
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-        seq = list(p) + list(r) + [tokenizer.eos_token_id]
+                          source: str = "demonstrations",
+                          messages: Sequence[Messages] | None = None) -> DemonstrationBatch:
+    """Raw rows: prompt and response are tokenized separately (as rollout sees them: the engine
+    gets the prompt's ids and generates the response's), EOS is appended to the response. Rows
+    with a non-empty ``messages[i]`` are chat conversations: loss on the assistant turns only."""
+    rows, masks = [], []
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if messages is not None and messages[i]:
+            try:
+                seq, mask = encode_conversation(tokenizer, messages[i])
+            except ChatError as e:
+                raise DataError(f"{source} row {i}: {e}") from e
+        else:
+            prompt_ids = list(tokenizer(p)["input_ids"])
+            response_ids = list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+            seq, mask = prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
         _check_len(len(seq), max_len, f"{source} row {i}")
         rows.append(seq)
-        targets.append((len(p), len(seq)))
+        masks.append(mask)
     input_ids, attention_mask = _pad(rows, tokenizer.pad_token_id)
     loss_mask = torch.zeros(input_ids.shape, dtype=torch.float32)
-    for i, (start, stop) in enumerate(targets):
-        loss_mask[i, start:stop] = 1.0
+    for i, mask in enumerate(masks):
+        loss_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.float32)
     return DemonstrationBatch(input_ids, attention_mask, loss_mask)
 
 
 def encode_rankings(tokenizer, prompts: Sequence[str], rankings: Sequence[Sequence[str]], max_len: int,
-                    source: str = "comparisons") -> RankingBatch:
-    """Every row must rank the same number K of completions (the batch is ``(B, K, T)``)."""
+                    source: str = "comparisons", messages: Sequence[Messages] | None = None) -> RankingBatch:
+    """Every row must rank the same number K of completions (the batch is ``(B, K, T)``). Rows
+    with a non-empty ``messages[i]`` use the chat template's rendering of it as the prompt."""
     k = len(rankings[0])
     texts = []
     for i, (prompt, completions) in enumerate(zip(prompts, rankings, strict=True)):
         if len(completions) != k:
             raise DataError(f"{source} row {i}: {len(completions)} completions, but row 0 has {k}; "
                             "every row must rank the same number of completions")
+        if messages is not None and messages[i]:
+            try:
+                prompt = render_prompt(tokenizer, messages[i])
+            except ChatError as e:
+                raise DataError(f"{source} row {i}: {e}") from e
         texts += [prompt + c for c in completions]
     ids = tokenizer(texts)["input_ids"]
     for j, row in enumerate(ids):

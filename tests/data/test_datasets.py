@@ -51,10 +51,10 @@ def test_custom_keys_and_blank_lines(tmp_path: Path) -> None:
         tmp_path, b'\n{"q": "rev ab=", "a": "ba", "extra": 1}\n\n   \n{"q": "rev abc=", "a": "cba"}\n'
     )
     ds = load_sft_dataset(path, prompt_key="q", response_key="a")
-    assert ds.column_names == ["prompt", "response"]
+    assert ds.column_names == ["prompt", "response", "messages"]
     assert ds.to_list() == [
-        {"prompt": "rev ab=", "response": "ba"},
-        {"prompt": "rev abc=", "response": "cba"},
+        {"prompt": "rev ab=", "response": "ba", "messages": []},
+        {"prompt": "rev abc=", "response": "cba", "messages": []},
     ]
     with pytest.raises(DataError, match=r"data\.jsonl:2: missing field 'prompt'"):
         load_prompt_dataset(path)
@@ -99,7 +99,8 @@ def test_many_bad_rows_reported_together(tmp_path: Path) -> None:
             b'{"prompt": "p", "completions": ["a"]}',
             "field 'completions' needs at least 2 ranked completions, got 1",
         ),
-        (b'{"prompt": "p", "completions": ["a", 3]}', "field 'completions' item 1 must be a string, got int"),
+        (b'{"prompt": "p", "completions": ["a", 3]}',
+         "field 'completions' item 1 must be a string or a message list, got int"),
         (b'{"prompt": "p", "completions": ["a", ""]}', "field 'completions' item 1 is an empty string"),
         (b'{"prompt": "p", "completions": "ab"}', "field 'completions' must be a list of strings, got str"),
         (b'{"prompt": "p", "chosen": "a"}', "missing field 'rejected'"),
@@ -122,10 +123,10 @@ def test_chosen_rejected_normalised(tmp_path: Path) -> None:
         b'{"prompt": "rev abc=", "completions": ["cba", "cbb", "abc"]}\n',
     )
     ds = load_comparison_dataset(path)
-    assert ds.column_names == ["prompt", "completions"]
+    assert ds.column_names == ["prompt", "messages", "completions"]
     assert ds.to_list() == [
-        {"prompt": "rev ab=", "completions": ["ba", "ab"]},
-        {"prompt": "rev abc=", "completions": ["cba", "cbb", "abc"]},
+        {"prompt": "rev ab=", "messages": [], "completions": ["ba", "ab"]},
+        {"prompt": "rev abc=", "messages": [], "completions": ["cba", "cbb", "abc"]},
     ]
 
 
@@ -176,8 +177,8 @@ def test_tokenize_prompts_truncation_keeps_bos() -> None:
 
         bos_token_id = 1
 
-        def __call__(self, texts: list[str]) -> dict[str, list[list[int]]]:
-            return {"input_ids": [[1] + [ord(c) for c in t] for t in texts]}
+        def __call__(self, text: str) -> dict[str, list[int]]:
+            return {"input_ids": [1] + [ord(c) for c in text]}
 
     ids, _ = tokenize_prompts(BosTokenizer(), ["abcdef"], 4, "truncate")
     assert ids == [[1, ord("d"), ord("e"), ord("f")]]

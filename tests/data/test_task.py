@@ -137,11 +137,11 @@ def test_generate_task_data_files_valid_deterministic_disjoint(tmp_path: Path) -
     for row in comparisons:
         completions = row["completions"]
         assert len(completions) == 4 and len(set(completions)) == 4
-        scores = [gold_score(row["prompt"], c) for c in completions]
+        scores = [gold_score(row["messages"][0]["content"], c) for c in completions]
         assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
 
-    train = {r["prompt"] for k in ("prompts", "sft", "comparisons") for r in _read(paths[f"{k}_train"])}
-    evals = {r["prompt"] for k in ("prompts", "sft", "comparisons") for r in _read(paths[f"{k}_eval"])}
+    train = {r["messages"][0]["content"] for k in ("prompts", "sft", "comparisons") for r in _read(paths[f"{k}_train"])}
+    evals = {r["messages"][0]["content"] for k in ("prompts", "sft", "comparisons") for r in _read(paths[f"{k}_eval"])}
     assert not train & evals
 
 

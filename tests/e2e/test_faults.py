@@ -40,7 +40,7 @@ def test_resume_equals_straight_run(ray_cluster, tmp_path, cache_dir):
     train(straight, cache_dir, common)
     first = train(resumed, cache_dir, [*common, "trainer.stop_after_steps=2"])
     assert first["stopped"] and first["steps"] == 2
-    assert ckpt.latest(resumed / "checkpoints").name == "step_00000002"
+    assert Path(ckpt.latest(resumed / "checkpoints")).name == "step_00000002"
     train(resumed, cache_dir, common)  # resume=auto picks up step 2
     a, b = rows(straight), rows(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -76,7 +76,7 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path, cache_dir):
     subprocess.run(args, env=env, check=True, timeout=600, start_new_session=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert [r["step"] for r in rows(out)] == [1, 2, 3]
-    assert [p.name for p in ckpt.checkpoints(root)] == ["step_00000002", "step_00000003"]
+    assert [Path(p).name for p in ckpt.checkpoints(root)] == ["step_00000002", "step_00000003"]
     assert not (root / "step_00000001").exists()  # pruned only after newer ones completed
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 

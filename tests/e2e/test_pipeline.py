@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.pipeline import run
+from tests.e2e.exports import assert_causal_lm_export, assert_reward_model_export
 from tests.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.e2e
@@ -60,3 +61,7 @@ def test_pipeline_sft_reward_model_ppo_evaluate(ray_cluster, tmp_path, cache_dir
     assert report["policies"]["sft"]["sampled"]["kl"] == pytest.approx(0.0, abs=1e-5)  # its own reference
     assert (out / "eval" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert set(summary["seconds"]) == {"sft", "reward_model", "ppo", "evaluate", "total"}
+    # exports users can serve as they are: HF loads (policies also in vLLM), tokenizer + chat template
+    assert_reward_model_export(out / o["reward_model"])
+    assert_causal_lm_export(out / o["sft_model"], with_vllm=False)
+    assert_causal_lm_export(out / o["ppo_model"])

@@ -54,7 +54,8 @@ def test_default_alphabet_covers_the_task() -> None:
 
 def test_build_reload_and_loss(model_dir: Path) -> None:
     files = {p.name for p in model_dir.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja"} <= files
     weights = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
 
@@ -88,6 +89,10 @@ def test_build_is_deterministic_and_ensure_is_idempotent(model_dir: Path, tmp_pa
     assert (again / "model.safetensors").stat().st_mtime_ns == mtime
     built = ensure_tiny_llama(tmp_path / "fresh", hidden_size=32, num_layers=1, num_heads=2)
     assert (built / "config.json").is_file()
+    # A cache built before the tokenizer had a chat template is rebuilt, not used as it is.
+    (again / "chat_template.jinja").unlink()
+    ensure_tiny_llama(again, seed=5)
+    assert load_tokenizer(again).chat_template and (again / "model.safetensors").stat().st_mtime_ns != mtime
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no build dirs left over
 
 

@@ -1,0 +1,57 @@
+"""LoRA on the policy (PEFT): wrapping the base model, and the views of it the other parts need.
+
+* :func:`apply_lora`: the base model wrapped with trainable adapters (everything else frozen);
+* :func:`merged_weights`: the weights with every adapter merged in, under the BASE model's
+  Hugging Face names, which is what the rollout engines load (so vLLM serves the plain
+  architecture, no adapter support needed) and what the merged export holds;
+* the reference policy is the same module with its adapters disabled
+  (``model.disable_adapter()``): no second copy of the base weights anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.config import LoRAConfig
+
+PEFT_PREFIX = "base_model.model."
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> torch.nn.Module:
+    """``model`` with LoRA adapters of ``cfg`` (rank > 0); only the adapters require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_cfg = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=list(cfg.target_modules) or "all-linear",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def base_name(peft_name: str) -> str:
+    """A PEFT parameter name as the base model names it."""
+    return peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every base parameter with its adapter's update ``B @ A * alpha / r`` added (new tensors;
+    the model is untouched), keyed by the base model's names. Adapter tensors are left out."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if ".lora_" not in name:
+            out[base_name(name)] = param.detach()
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            key = base_name(f"{module_name}.base_layer.weight")
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            out[key] = out[key] + delta.to(out[key].dtype)
+    return out
