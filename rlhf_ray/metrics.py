@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 RAY_GAUGE_KEYS = (
     "step", "reward/mean", "reward/gold", "kl/mean", "policy/loss", "critic/loss",
     "rollout/weight_version", "rollout/tokens_per_s", "rollout/samples", "rollout/tokens",
-    "timing/step", "sync/seconds",
+    "timing/step", "sync/seconds", "reward/model_version", "reward_model/heldout_accuracy",
 )
 # Every ``timing/<phase>`` key also goes to ``ray_rlhf_phase_seconds{phase=<phase>}``, and
 # ``rollout/weight_version/<engine>`` keys (one per engine, as reported after a sync) to

@@ -62,6 +62,11 @@ class Trainer:
                                tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                                pad_id=tokenizer.pad_token_id)
         self.stop_requested = False
+        self.feedback = None  # the human feedback loop (rlhf_ray/feedback), when feedback.enabled
+        if cfg.feedback.enabled:
+            from rlhf_ray.feedback.loop import FeedbackLoop
+
+            self.feedback = FeedbackLoop(cfg, groups, tokenizer, prompts, prompt_ids, self.run_dir)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -74,6 +79,8 @@ class Trainer:
             try:
                 while self.step_index < self.cfg.trainer.total_steps and len(history) < budget:
                     metrics = self.step()
+                    if self.feedback is not None:
+                        metrics.update(self.feedback.after_step(self.step_index, self.weight_version))
                     logger.log(self.step_index, metrics)
                     history.append(metrics)
                     self._guards(metrics)
@@ -85,6 +92,8 @@ class Trainer:
                         break
             finally:
                 logger.close()
+                if self.feedback is not None:
+                    self.feedback.close()
         if self.step_index < self.cfg.trainer.total_steps:  # stopped early: checkpoint, no final model
             if not ckpt.is_complete(ckpt.step_dir(self.checkpoint_root, self.step_index)):
                 self.save_checkpoint()
@@ -197,7 +206,8 @@ class Trainer:
         return {"step": self.step_index, "weight_version": self.weight_version, "sampler": self.sampler.state_dict(),
                 "kl_controller": self.kl_ctl.state_dict(), "config_hash": config_hash(self.cfg),
                 "reward_moments": self.moments.state_dict() if self.moments else None,
-                "nonfinite_streak": self.nonfinite_streak}
+                "nonfinite_streak": self.nonfinite_streak,
+                "feedback": self.feedback.state_dict() if self.feedback is not None else None}
 
     def save_checkpoint(self) -> Path:
         path = ckpt.step_dir(self.checkpoint_root, self.step_index)
@@ -205,6 +215,8 @@ class Trainer:
         self.g.policy.save_checkpoint(str(path / "policy"))
         if self.g.critic is not None:
             self.g.critic.save_checkpoint(str(path / "critic"))
+        if self.feedback is not None:
+            self.feedback.save(path / "feedback")
         ckpt.write_driver_state(path, self.state_dict())
         maybe_fail("driver", "checkpoint")
         ckpt.mark_complete(path, self.step_index)  # last: only now does the checkpoint count
@@ -230,6 +242,8 @@ class Trainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         if self.moments is not None and state["reward_moments"]:
             self.moments.load_state_dict(state["reward_moments"])
+        if self.feedback is not None and state.get("feedback"):
+            self.feedback.load(path / "feedback", state["feedback"])
         self.sync.push(self.weight_version)  # engines start from the initial weights: re-send
         log.info("resumed from %s at step %d (weights v%d)", path, self.step_index, self.weight_version)
 
