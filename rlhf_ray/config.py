@@ -299,7 +299,7 @@ class FeedbackConfig:
     min_labels: int = 16
     """new comparisons needed before the reward model is retrained"""
     wait: bool = False
-    """block training until min_labels new comparisons arrived (else training never waits)"""
+    """after each round, block until its tasks are labeled or min_labels arrived (false: never wait)"""
     wait_timeout_s: float = 600.0
     """longest wait for labels when wait=true (a timeout is counted, training goes on)"""
     labeler: str = "ai"

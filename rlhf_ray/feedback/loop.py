@@ -5,7 +5,7 @@ with every checkpoint). Every ``feedback.every`` steps it samples ``prompts_per_
 and ``k`` fresh completions each from the rollout engines (the current policy, tagged with its
 weight version) and hands them to the feedback service as labeling tasks. Labels arrive in the
 background (people on the page, or a machine labeler thread); training never waits for them
-unless ``feedback.wait=true``. Once ``min_labels`` new comparisons are in, the reward model's
+unless ``feedback.wait=true`` (then each round waits until its tasks are labeled). Once ``min_labels`` new comparisons are in, the reward model's
 DeepSpeed group (warm: it holds the deployed version's weights and optimizer state) trains on
 all comparisons so far except the held-out ones (every ``heldout_every``-th), and the candidate
 is compared with the deployed version on the held-out comparisons (pairwise accuracy, the same
@@ -98,8 +98,8 @@ class FeedbackLoop:
         m: dict[str, float] = {}
         if step % self.f.every == 0:
             self.send_round(step, weight_version)
-        if self.f.wait and self.new_labels() < self.f.min_labels and self.counts["rounds"]:
-            self.wait_for_labels()
+            if self.f.wait:
+                self.wait_for_labels()
         if self.new_labels() >= self.f.min_labels:
             m.update(self.retrain())
         m.update(self.metrics())
@@ -124,8 +124,9 @@ class FeedbackLoop:
         return ray.get(self.service.progress.remote(), timeout=60)["comparisons"] - self.trained_through
 
     def wait_for_labels(self) -> None:
+        """Block until every open task is labeled or ``min_labels`` new comparisons are in."""
         deadline = time.monotonic() + self.f.wait_timeout_s
-        while self.new_labels() < self.f.min_labels:
+        while ray.get(self.service.progress.remote(), timeout=60)["open"] and self.new_labels() < self.f.min_labels:
             if time.monotonic() > deadline:
                 self.counts["wait_timeouts"] += 1
                 log.warning("feedback.wait: fewer than %d new labels after %.0fs; training goes on",
