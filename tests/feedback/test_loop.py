@@ -145,3 +145,87 @@ def test_http_labeler_timeouts_are_counted_and_never_block(tmp_path):
     finally:
         server.close()
         judge.httpd.shutdown()
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class FakeRewardGroup:
+    """Reward workers as far as the loop sees them (control flow only)."""
+
+    def __init__(self):
+        self.loaded: list[tuple[str, int]] = []
+        self.version = 0
+        worker = type("W", (), {})()
+        worker.load_reward_model = _Remote(self._load)
+        worker.reward_model_version = _Remote(lambda: self.version)
+        self.workers = [worker]
+
+    def _load(self, path, version):
+        self.loaded.append((path, version))
+        self.version = version
+        return version
+
+    def get(self, refs, what):
+        return refs
+
+
+class FakeRewardModelGroup:
+    """Held-out accuracies in a fixed order: before training, after training."""
+
+    def __init__(self, accuracies):
+        self.accuracies, self.calls = list(accuracies), []
+
+    def evaluate(self, batch):
+        a = self.accuracies.pop(0)
+        return {"correct_pairs": a * 10, "pairs": 10.0, "loss_sum": 1.0, "rows": float(len(batch))}
+
+    def train(self, batch, steps):
+        self.calls.append(("train", len(batch), steps))
+        return {"reward_model/loss": 0.5}
+
+    def __getattr__(self, name):  # save_checkpoint, load_checkpoint, save_hf
+        return lambda path: self.calls.append((name, Path(path).name))
+
+
+@pytest.mark.e2e
+def test_a_worse_candidate_is_not_swapped_in(ray_cluster, tmp_path, cache_dir):
+    import ray
+
+    from rlhf_ray.feedback.loop import FeedbackLoop
+    from rlhf_ray.models import load_tokenizer
+
+    model = tiny_model(cache_dir)
+    cfg = compose([f"model.cache_dir={cache_dir}", "reward=model", f"reward.model_path={model}",
+                   "feedback.enabled=true", "feedback.labeler=people", "feedback.min_labels=10",
+                   "feedback.heldout_every=5", "feedback.learner.micro_batch_size=2"])
+    groups = type("G", (), {"reward": FakeRewardGroup()})()
+    loop = FeedbackLoop(cfg, groups, load_tokenizer(model), ["rev ab="], [[1]], tmp_path)
+    from rlhf_ray.feedback.service import FeedbackService
+
+    loop.service = ray.remote(FeedbackService).options(num_cpus=0).remote(str(tmp_path / "l.db"))
+    ids = ray.get(loop.service.add_tasks.remote([(f"rev {w}=", [w[::-1], w]) for w in ["ab", "cd"] * 5], 1))
+    from rlhf_ray.feedback.store import LabelStore
+
+    store = LabelStore(tmp_path / "l.db")
+    for t in ids:
+        store.submit(t, [0, 1], 1, "ann")
+    try:
+        loop.rm = FakeRewardModelGroup([0.8, 0.6])  # the candidate is worse
+        m = loop.retrain()
+        assert m["reward_model/candidate_accuracy"] == pytest.approx(0.6)
+        assert loop.version == 0 and groups.reward.loaded == [] and loop.counts["rejected_versions"] == 1
+        assert ("load_checkpoint", "deployed") in loop.rm.calls  # back to the deployed weights
+        assert loop.metrics()["reward_model/heldout_accuracy"] == pytest.approx(0.8)
+        assert loop.new_labels() == 0  # those labels were used; the next retraining waits for min_labels more
+        loop.trained_through = 0
+        loop.rm = FakeRewardModelGroup([0.8, 0.8])  # as good: swapped in
+        loop.retrain()
+        assert loop.version == 1 and groups.reward.loaded == [(str(tmp_path / "feedback" / "reward_model_v1"), 1)]
+        assert ("train", 8, 4) in loop.rm.calls  # 10 labels, every 5th held out, 4 steps of 2
+        assert loop.metrics()["reward/model_version"] == 1.0
+    finally:
+        store.close()
+        ray.kill(loop.service)
