@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=".cache/rlhf_ray")
     parser.add_argument("--loop", nargs="*", default=[], help="extra feedback.* overrides of the loop run")
+    parser.add_argument("--ppo", nargs="*", default=[], help="extra overrides of both PPO runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
@@ -135,9 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
         rm = weak_reward_model(out, str(sft_model), args.cache_dir, args.rm_rows, args.seed)
         common = [f"seed={args.seed}", f"model.cache_dir={args.cache_dir}", f"model.policy_path={sft_model}",
                   "reward=model", f"reward.model_path={rm}", f"trainer.total_steps={args.steps}",
-                  "trainer.resume=never", "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1"]
+                  "trainer.resume=never", "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1",
+                  *args.ppo]
         loop = ["feedback.enabled=true", "feedback.every=4", "feedback.prompts_per_round=16", "feedback.k=4",
-                "feedback.min_labels=32", "feedback.wait=true", "feedback.ai_noise=0.1", *args.loop]
+                "feedback.min_labels=32", "feedback.wait=true", "feedback.ai_noise=0.1", "feedback.rm_epochs=4",
+                "feedback.learner.lr=3e-4", *args.loop]
         static_summary, static = ppo(out / "static", common, [])
         loop_summary, looped = ppo(out / "loop", common, loop)
     finally:
