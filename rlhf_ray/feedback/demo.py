@@ -110,7 +110,7 @@ def plot(runs: dict[str, list[dict]], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", default="outputs/feedback_demo")
-    parser.add_argument("--steps", type=int, default=80, help="PPO steps of each run")
+    parser.add_argument("--steps", type=int, default=100, help="PPO steps of each run")
     parser.add_argument("--rm-rows", type=int, default=48, help="comparisons the weak reward model learns from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=".cache/rlhf_ray")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         common = [f"seed={args.seed}", f"model.cache_dir={args.cache_dir}", f"model.policy_path={sft_model}",
                   "reward=model", f"reward.model_path={rm}", f"trainer.total_steps={args.steps}",
                   "trainer.resume=never", "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1",
-                  *args.ppo]
+                  "algo.kl_coef=0.01", *args.ppo]  # a weak KL leash: PPO pushes hard against the proxy
         loop = ["feedback.enabled=true", "feedback.every=4", "feedback.prompts_per_round=16", "feedback.k=4",
                 "feedback.min_labels=32", "feedback.wait=true", "feedback.ai_noise=0.1", "feedback.rm_epochs=4",
                 "feedback.learner.lr=3e-4", *args.loop]

@@ -46,7 +46,8 @@ class FeedbackLoop:
         self.version, self.version_path = 0, cfg.reward.model_path
         self.trained_through = 0  # comparisons with id <= this went into the deployed version
         self.heldout_accuracy = math.nan
-        self.counts = {"rejected_versions": 0, "wait_timeouts": 0, "rounds": 0, "worker_reloads": 0}
+        self.counts = {"rejected_versions": 0, "wait_timeouts": 0, "rounds": 0, "worker_reloads": 0,
+                       "skipped_prompts": 0}
         self.service = self.labeler = self.rm = None
         self.url = ""
 
@@ -107,16 +108,24 @@ class FeedbackLoop:
         return m
 
     def send_round(self, step: int, weight_version: int) -> None:
-        """``prompts_per_round`` prompts x ``k`` fresh completions of the current policy, as tasks."""
+        """``prompts_per_round`` prompts x ``k`` distinct fresh completions of the current policy,
+        as tasks. 2k are sampled per prompt and the first k distinct texts kept (a prompt with
+        fewer is skipped): identical completions cannot be ranked, and their random order would
+        only teach the reward model noise."""
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
         picked = torch.randperm(len(self.prompts), generator=gen)[: self.f.prompts_per_round].tolist()
         samples = self.g.rollout.generate([self.prompt_ids[i] for i in picked], seed=self.cfg.seed + 31 * step,
-                                          min_version=weight_version, n=self.f.k)
-        tasks: dict[int, list[str]] = {}
+                                          min_version=weight_version, n=2 * self.f.k)
+        distinct: dict[int, list[str]] = {}
         for s in samples:
-            tasks.setdefault(s.prompt_index, []).append(self.tokenizer.decode(s.response_ids, skip_special_tokens=True))
-        rows = [(self.prompts[picked[i]], completions) for i, completions in sorted(tasks.items())]
-        ray.get(self.service.add_tasks.remote(rows, weight_version), timeout=self.cfg.cluster.call_timeout_s)
+            texts = distinct.setdefault(s.prompt_index, [])
+            text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
+            if text not in texts and len(texts) < self.f.k:
+                texts.append(text)
+        rows = [(self.prompts[picked[i]], texts) for i, texts in sorted(distinct.items()) if len(texts) == self.f.k]
+        self.counts["skipped_prompts"] += len(picked) - len(rows)
+        if rows:
+            ray.get(self.service.add_tasks.remote(rows, weight_version), timeout=self.cfg.cluster.call_timeout_s)
         self.counts["rounds"] += 1
 
     def new_labels(self) -> int:
