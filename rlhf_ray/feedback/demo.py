@@ -95,8 +95,8 @@ def plot(runs: dict[str, list[dict]], out: Path) -> Path:
         if version != previous:
             for ax in axes:
                 ax.axvline(r["step"], color="tab:blue", linestyle=":", linewidth=0.8)
-            axes[0].text(r["step"], axes[0].get_ylim()[0], f" v{int(version)}", color="tab:blue", fontsize=7,
-                         rotation=90, va="bottom")
+            axes[0].text(r["step"], 0.02, f" v{int(version)}", color="tab:blue", fontsize=7, rotation=90,
+                         va="bottom", transform=axes[0].get_xaxis_transform())
             previous = version
     axes[0].legend(fontsize=8)
     fig.suptitle("PPO against a weak reward model: frozen vs. retrained on labels of the current policy "
