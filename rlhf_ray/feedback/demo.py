@@ -1,6 +1,9 @@
 """``python -m rlhf_ray.feedback.demo [OUT]``: why the loop matters, on the built-in task.
 
-1. SFT on the noisy demonstrations (skipped when ``OUT/sft/model`` exists);
+A rerun with the same OUT reuses what is finished (the SFT model, the weak reward model, the
+static run); delete OUT to start over.
+
+1. SFT on the noisy demonstrations;
 2. a deliberately weak reward model: a few comparisons (``--rm-rows``), few steps;
 3. PPO against it, twice, for the same number of steps and seeds: with the reward model frozen
    (``static``), and with the feedback loop (``loop``: the ai labeler ranks ``k`` fresh samples of
@@ -45,6 +48,16 @@ def ppo(run_dir: Path, common: list[str], extra: list[str]) -> tuple[dict, list[
 
     summary = run(compose_config([f"trainer.output_dir={run_dir}", *common, *extra]), run_dir)
     return summary, read_metrics(run_dir / "metrics.jsonl")
+
+
+def finished(run_dir: Path, steps: int) -> tuple[dict, list[dict]] | None:
+    """A finished run of ``steps`` steps in ``run_dir`` (a rerun of the demo reuses it)."""
+    from rlhf_ray.evaluate import read_metrics
+
+    path = run_dir / "summary.json"
+    if not path.exists() or json.loads(path.read_text()).get("steps") != steps:
+        return None
+    return json.loads(path.read_text()), read_metrics(run_dir / "metrics.jsonl")
 
 
 def detector_steps(rows: list[dict]) -> list[int]:
@@ -133,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not (sft_model / "model.safetensors").exists():
             sft.run(SFTConfig(seed=args.seed, model=ModelConfig(cache_dir=args.cache_dir), output_dir=str(out / "sft")),
                     out / "sft")
-        rm = weak_reward_model(out, str(sft_model), args.cache_dir, args.rm_rows, args.seed)
+        rm = str(out / "reward_model" / "model")
+        if not (out / "reward_model" / "summary.json").exists():
+            rm = weak_reward_model(out, str(sft_model), args.cache_dir, args.rm_rows, args.seed)
         common = [f"seed={args.seed}", f"model.cache_dir={args.cache_dir}", f"model.policy_path={sft_model}",
                   "reward=model", f"reward.model_path={rm}", f"trainer.total_steps={args.steps}",
                   "trainer.resume=never", "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1",
@@ -141,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         loop = ["feedback.enabled=true", "feedback.every=4", "feedback.prompts_per_round=16", "feedback.k=4",
                 "feedback.min_labels=32", "feedback.wait=true", "feedback.ai_noise=0.1", "feedback.rm_epochs=4",
                 "feedback.learner.lr=3e-4", *args.loop]
-        static_summary, static = ppo(out / "static", common, [])
+        static_summary, static = finished(out / "static", args.steps) or ppo(out / "static", common, [])
         loop_summary, looped = ppo(out / "loop", common, loop)
     finally:
         if started:
