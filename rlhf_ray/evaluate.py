@@ -103,9 +103,7 @@ def sequence_logprobs(model_path: str, samples: list[RolloutSample], pad_id: int
 
     model = load_causal_lm(model_path, dtype=torch_dtype(dtype)).eval()
     exp = pad_samples(samples, pad_id)
-    A = exp.response_mask.shape[1]
-    logprobs = batched(lambda s, m: response_logprobs(model, s, m, A, temperature)[0],
-                       exp.sequences, exp.attention_mask, micro_batch_size)
+    logprobs = batched(lambda s, m, A: response_logprobs(model, s, m, A, temperature)[0], exp, micro_batch_size)
     return (logprobs * exp.response_mask).sum(-1)
 
 

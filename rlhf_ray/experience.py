@@ -1,6 +1,6 @@
 """From scored rollouts to advantages: reward handling (non-finite policy, running
-normalisation) and the per-algorithm choice of advantage estimator. The math itself lives in
-``rlhf_ray.algo``; this module only decides which function each algorithm uses."""
+normalisation) and the advantage phase. The math itself lives in ``rlhf_ray.algo``; which
+estimator an algorithm uses comes from the algorithm table (``rlhf_ray/algorithms.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rlhf_ray.algo import (
     discounted_returns,
     gae,
     group_advantages,
+    groups_with_signal,
     kl_estimate,
     kl_penalized_rewards,
     masked_mean,
@@ -84,34 +85,52 @@ def prepare_scores(raw: list[float], cfg: RewardConfig, moments: RunningMoments 
 
 def compute_advantages(exp: Experience, algo: AlgoConfig, kl_coef: float,
                        group_size: int) -> tuple[Experience, dict[str, float]]:
-    """Fill ``advantages`` (and ``returns`` for critic algorithms) of a scored experience."""
-    mask = exp.response_mask * exp.valid[:, None]
-    kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, algo.kl_estimator) * mask
+    """Fill ``advantages`` (and ``returns`` for critic algorithms) of a scored experience.
+
+    The estimator comes from the algorithm table (``algo.spec.advantage``). Masked rows
+    (``valid == 0``) take no part in any baseline, whitening or mean. With dynamic sampling
+    (DAPO) the rows of groups whose rewards all agree are masked too, and counted in
+    ``rollout/dropped_groups`` (refilling them with new prompts is the prompt stream's job).
+    Without ``old_logprobs`` (a single on-policy pass) the KL shaping uses the engines'
+    ``rollout_logprobs`` as the policy's."""
+    spec = algo.spec
+    valid = exp.valid
+    extra: dict[str, float] = {}
+    if spec.dynamic_sampling:
+        keep = groups_with_signal(exp.scores, group_size, valid)
+        extra["rollout/dropped_groups"] = float((~keep).sum())
+        valid = valid * keep.repeat_interleave(group_size).to(valid.dtype)
+    mask = exp.response_mask * valid[:, None]
+    policy_logprobs = exp.old_logprobs if exp.old_logprobs is not None else exp.rollout_logprobs
+    kl = kl_estimate(policy_logprobs, exp.ref_logprobs, algo.kl_estimator) * mask
     seq_kl = kl.sum(-1)
     shaping = kl_coef if algo.kl_in_reward else 0.0
     returns = None
-    if algo.name in ("ppo", "a2c"):
-        rewards = kl_penalized_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, mask, shaping,
+    if spec.advantage in ("gae", "reinforce_pp"):
+        rewards = kl_penalized_rewards(exp.scores, policy_logprobs, exp.ref_logprobs, mask, shaping,
                                        kind=algo.kl_estimator)
-        advantages, returns = gae(rewards, exp.values, mask, algo.gamma, algo.lam)
-        if algo.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-    elif algo.name == "reinforce_pp":
-        rewards = kl_penalized_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, mask, shaping,
-                                       kind=algo.kl_estimator)
-        advantages = reinforce_pp_advantages(rewards, mask, algo.gamma)
-        returns = discounted_returns(rewards, mask, algo.gamma)
-    else:  # grpo, rloo: one baseline per group of samples of the same prompt
+        if spec.advantage == "gae":
+            advantages, returns = gae(rewards, exp.values, mask, algo.gamma, algo.lam)
+            if algo.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+        else:
+            advantages = reinforce_pp_advantages(rewards, mask, algo.gamma)
+            returns = discounted_returns(rewards, mask, algo.gamma)
+    else:  # one baseline per group of samples of the same prompt, over its valid samples
         shaped = exp.scores - shaping * seq_kl
-        estimator = group_advantages if algo.name == "grpo" else rloo_advantages
-        advantages = broadcast_sequence_advantages(estimator(shaped, group_size), mask)
+        if spec.advantage == "group_norm":
+            seq_adv = group_advantages(shaped, group_size, normalize_std=algo.std_normalized, valid=valid)
+        else:
+            seq_adv = rloo_advantages(shaped, group_size, valid=valid)
+        advantages = broadcast_sequence_advantages(seq_adv, mask)
     metrics = {
         "kl/mean": float(masked_mean(seq_kl, exp.valid)),
         "kl/coef": kl_coef,
         "policy/advantage_mean": float(masked_mean(advantages, mask)),
         "rollout/response_len": float(exp.response_mask.sum(-1).mean()),
+        **extra,
     }
     if returns is not None and exp.values is not None:
         metrics["critic/value_mean"] = float(masked_mean(exp.values, mask))
         metrics["critic/return_mean"] = float(masked_mean(returns, mask))
-    return replace(exp, advantages=advantages * mask, returns=returns), metrics
+    return replace(exp, advantages=advantages * mask, returns=returns, valid=valid), metrics

@@ -168,23 +168,25 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
     reference = ReferenceGroup(plan["reference"], ReferenceWorker, lambda i, name: dict(
         name=name, model_path=assets.reference_path, device=c.device, dtype=m.dtype,
         micro_batch_size=cfg.policy.micro_batch_size, temperature=cfg.rollout.temperature,
+        max_tokens_per_micro_batch=cfg.policy.max_tokens_per_micro_batch,
         threads=c.threads_per_worker, seed=cfg.seed, trust_remote_code=m.trust_remote_code,
     ), **common)
     sequences = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
 
     def learner_kwargs(lc, path, extra):
+        epochs, minibatches = cfg.algo.schedule  # the algorithm table's epoch rule, as the learners run it
         per_rank = sequences // lc.num_ranks
-        gas = per_rank // cfg.algo.minibatches // lc.micro_batch_size
-        epochs = 1 if cfg.algo.name == "a2c" else cfg.algo.epochs
+        gas = max(per_rank // minibatches // lc.micro_batch_size, 1)
         return lambda i, name: dict(
             name=name, rank=i, world_size=lc.num_ranks, cfg=lc, model_path=path, device=c.device, dtype=m.dtype,
             seed=cfg.seed, threads=c.threads_per_worker, gradient_accumulation_steps=gas,
-            total_optimizer_steps=cfg.trainer.total_steps * epochs * cfg.algo.minibatches,
-            trust_remote_code=m.trust_remote_code, **extra,
+            total_optimizer_steps=cfg.trainer.total_steps * epochs * minibatches,
+            trust_remote_code=m.trust_remote_code, loss_horizon=cfg.rollout.max_new_tokens, **extra,
         )
 
     policy = PolicyGroup(plan["policy"], PolicyWorker, learner_kwargs(
-        cfg.policy, assets.policy_path, dict(algo=cfg.algo, temperature=cfg.rollout.temperature)), **common)
+        cfg.policy, assets.policy_path, dict(algo=cfg.algo, temperature=cfg.rollout.temperature,
+                                             max_staleness=cfg.trainer.max_staleness)), **common)
     critic = None
     if cfg.algo.needs_critic:
         critic = CriticGroup(plan["critic"], CriticWorker, learner_kwargs(

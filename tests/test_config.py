@@ -12,11 +12,39 @@ from rlhf_ray.config import Config, ConfigError, config_hash, redacted, validate
 from tests.conftest import compose
 
 
-@pytest.mark.parametrize("algo", ["ppo", "a2c", "grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("algo", ["ppo", "a2c", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp"])
 def test_every_algorithm_config_composes(algo):
     cfg = compose([f"algo={algo}"])
     assert cfg.algo.name == algo
     assert cfg.algo.needs_critic == (algo in ("ppo", "a2c"))
+
+
+def test_algorithm_table_drives_the_resolved_settings():
+    assert compose(["algo=dr_grpo"]).algo.agg_mode == "seq_mean_token_sum_norm"
+    assert compose(["algo=dr_grpo"]).algo.std_normalized is False
+    assert compose(["algo=grpo"]).algo.std_normalized is True
+    assert compose(["algo=grpo", "algo.normalize_std=false"]).algo.std_normalized is False
+    assert compose(["algo=grpo", "algo.loss_agg=token_mean"]).algo.agg_mode == "token_mean"
+    assert compose(["algo=a2c"]).algo.schedule == (1, 1)
+    assert compose(["algo=ppo"]).algo.schedule == (2, 2)
+
+
+def test_wrong_algorithm_combinations_are_rejected_naming_the_keys():
+    with pytest.raises(ConfigError, match="algo.kl_estimator"):  # k1 as a loss: zero expected gradient
+        compose(["algo=grpo", "algo.kl_estimator=k1"])
+    compose(["algo=grpo", "algo.kl_estimator=k3"])
+    compose(["algo=ppo", "algo.kl_estimator=k1"])  # k1 in the reward is fine
+    with pytest.raises(ConfigError, match="algo.epochs/algo.minibatches"):  # A2C has no ratio
+        compose(["algo=a2c", "algo.epochs=2"])
+    with pytest.raises(ConfigError, match="algo.normalize_std"):
+        compose(["algo=ppo", "algo.normalize_std=false"])
+    with pytest.raises(ConfigError, match="algo.off_policy_correction"):
+        compose(["algo.off_policy_correction=always"])
+    with pytest.raises(ConfigError, match="trainer.max_staleness"):
+        compose(["trainer.max_staleness=-1"])
+    with pytest.raises(ConfigError, match="policy.max_tokens_per_micro_batch"):
+        compose(["policy.max_tokens_per_micro_batch=10"])  # shorter than one sequence
+    compose(["policy.max_tokens_per_micro_batch=200", "policy.micro_batch_size=5"])
 
 
 def test_defaults_are_valid():

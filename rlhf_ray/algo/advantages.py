@@ -99,45 +99,100 @@ def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.view(-1, group_size)
 
 
+def _grouped_valid(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """``(b // n, n)`` bool: which samples count (all, when ``valid`` is None)."""
+    if valid is None:
+        return torch.ones(scores.shape[0] // group_size, group_size, dtype=torch.bool, device=scores.device)
+    if valid.shape != scores.shape:
+        raise ValueError(f"valid must be (b,) = {tuple(scores.shape)}, got {tuple(valid.shape)}")
+    return valid.bool().view(-1, group_size)
+
+
 def group_advantages(
-    scores: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
+    scores: torch.Tensor,
+    group_size: int,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GRPO outcome advantage: ``(r_i - mean(group)) / (std(group) + eps)``.
 
     Shao et al. 2024 (DeepSeekMath) section 4.1.2, with the unbiased std as in TRL ``GRPOTrainer``
     and OpenRLHF ``group_norm``. ``normalize_std=False`` keeps only the mean baseline (Dr. GRPO,
-    Liu et al. 2025). Requires ``group_size >= 2`` (the std of one sample is undefined).
+    Liu et al. 2025, section 3.1: the std division up-weights prompts that are too easy or too
+    hard). Requires ``group_size >= 2``.
+
+    Masked samples (``valid == 0``, e.g. a non-finite reward) are left out of their group's mean
+    and std and get advantage 0: group ``[1, 2, masked, 3]`` gives ``[-1, 0, 0, 1]``. A group with
+    fewer than two valid samples has no baseline: all its advantages are 0.
 
     Args:
         scores: ``(b,)`` sequence rewards, grouped contiguously by prompt.
         group_size: samples per prompt ``n``; ``b % n`` must be 0.
+        valid: ``(b,)`` 0/1 or bool; None = all valid.
 
     Returns:
         ``(b,)``.
     """
     groups = _grouped(scores, group_size)
-    centered = groups - groups.mean(dim=-1, keepdim=True)
+    keep = _grouped_valid(scores, group_size, valid)
+    count = keep.sum(dim=-1, keepdim=True).to(groups.dtype)
+    x = torch.where(keep, groups, torch.zeros_like(groups))
+    mean = x.sum(dim=-1, keepdim=True) / count.clamp(min=1)
+    centered = torch.where(keep, groups - mean, torch.zeros_like(groups))
     if normalize_std:
-        centered = centered / (groups.std(dim=-1, keepdim=True) + eps)
-    return centered.reshape(-1)
+        var = centered.pow(2).sum(dim=-1, keepdim=True) / (count - 1).clamp(min=1)
+        centered = centered / (var.sqrt() + eps)
+    return torch.where(count >= 2, centered, torch.zeros_like(centered)).reshape(-1)
 
 
-def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def rloo_advantages(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """RLOO advantage: ``r_i - mean_{j != i} r_j`` over the other samples of the same prompt.
 
     Ahmadian et al. 2024 eq. 5 (Kool et al. 2019's leave-one-out baseline), computed as
-    ``r_i - (sum(group) - r_i) / (n - 1)``, as OpenRLHF's ``rloo`` estimator.
+    ``r_i - (sum(group) - r_i) / (n - 1)``, as OpenRLHF's ``rloo`` estimator. Masked samples
+    (``valid == 0``) are neither baselines nor baselined (advantage 0); ``n`` counts the valid
+    samples of the group, and a group with fewer than two has advantage 0.
 
     Args:
         scores: ``(b,)`` sequence rewards, grouped contiguously by prompt.
         group_size: samples per prompt ``n >= 2``; ``b % n`` must be 0.
+        valid: ``(b,)`` 0/1 or bool; None = all valid.
 
     Returns:
         ``(b,)``.
     """
     groups = _grouped(scores, group_size)
-    baseline = (groups.sum(dim=-1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - baseline).reshape(-1)
+    keep = _grouped_valid(scores, group_size, valid)
+    count = keep.sum(dim=-1, keepdim=True).to(groups.dtype)
+    x = torch.where(keep, groups, torch.zeros_like(groups))
+    baseline = (x.sum(dim=-1, keepdim=True) - x) / (count - 1).clamp(min=1)
+    adv = torch.where(keep & (count >= 2), groups - baseline, torch.zeros_like(groups))
+    return adv.reshape(-1)
+
+
+def groups_with_signal(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None,
+                       tol: float = 0.0) -> torch.Tensor:
+    """DAPO dynamic sampling: which groups to keep, i.e. those whose valid rewards do NOT all agree.
+
+    Yu et al. 2025 (DAPO), section 3.2, eq. 11 (``0 < |{o_i : is_equivalent(a, o_i)}| < G``): a
+    group whose samples all got the same reward has zero group-relative advantage, so it only
+    dilutes the batch. Groups with fewer than two valid samples carry no signal either.
+
+    Args:
+        scores: ``(b,)`` sequence rewards, grouped contiguously by prompt.
+        group_size: samples per prompt ``n >= 2``.
+        valid: ``(b,)`` 0/1 or bool; None = all valid.
+        tol: rewards within ``tol`` of each other count as equal.
+
+    Returns:
+        ``(b // n,)`` bool: True = keep the group.
+    """
+    groups = _grouped(scores, group_size)
+    keep = _grouped_valid(scores, group_size, valid)
+    hi = torch.where(keep, groups, torch.full_like(groups, -torch.inf)).amax(dim=-1)
+    lo = torch.where(keep, groups, torch.full_like(groups, torch.inf)).amin(dim=-1)
+    return (keep.sum(dim=-1) >= 2) & (hi - lo > tol)
 
 
 def reinforce_pp_advantages(

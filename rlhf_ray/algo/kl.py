@@ -28,6 +28,8 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
         - ``k3 = (r - 1) - log r``: unbiased, low variance, always >= 0 (used by GRPO,
           Shao et al. 2024 eq. 4). ``log r`` is clamped to ``[-20, 20]`` before ``exp`` to avoid
           overflow (OpenRLHF ``compute_approx_kl`` clamps the same way).
+    These are estimates of the KL's *value*. Differentiated as a loss term they estimate other
+    gradients (k1: zero, k3: that of KL(ref || pi)); see ``losses.kl_loss``.
 
     Args:
         logprobs: ``(b, a)`` log pi(token).

@@ -13,9 +13,11 @@ and OpenRLHF ``openrlhf/models/utils.py`` (``masked_mean``, ``masked_normalize``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
 def check_same_shape(**tensors: torch.Tensor) -> None:
@@ -120,33 +122,85 @@ def masked_whiten(
     return _select(whitened, mask)[0]
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+@dataclass(frozen=True)
+class LossNormalizer:
+    """The denominators of a loss over ONE full minibatch, however it is split.
+
+    A minibatch is spread over data-parallel ranks and, on each rank, over micro-batches. A mean
+    taken per micro-batch weighs tokens of short micro-batches more (and averaging over ranks does
+    the same across ranks). Instead every micro-batch contributes ``numerator / denominator``
+    where the denominator counts the *whole* minibatch (all micro-batches, all-reduced across
+    ranks): the sum of the contributions is exactly the full-minibatch loss. veRL
+    (``agg_loss`` with ``global_batch_size``/``dp_size``) and TRL (``num_items_in_batch``)
+    normalise the same way.
+
+    Attributes:
+        tokens: valid tokens of the minibatch (all ranks).
+        rows: rows with at least one valid token (all ranks); masked rows do not count.
+        horizon: the constant per-row length of ``seq_mean_token_sum_norm`` (Dr. GRPO's
+            ``MAX_TOKENS``, the generation budget).
+    """
+
+    tokens: float
+    rows: float
+    horizon: int = 1
+
+    @staticmethod
+    def of(mask: torch.Tensor, horizon: int | None = None) -> LossNormalizer:
+        """The counts of one ``(b, a)`` mask (the whole minibatch when it is in one piece);
+        ``horizon`` defaults to the padded width ``a``."""
+        keep = mask.bool()
+        return LossNormalizer(
+            tokens=float(keep.sum()), rows=float(keep.any(dim=-1).sum()),
+            horizon=int(keep.shape[-1] if horizon is None else horizon),
+        )
+
+    def denominator(self, mode: str) -> float:
+        """What the summed per-token (or per-row) losses are divided by in ``mode``:
+        ``token_mean`` -> tokens; ``seq_mean_*`` -> rows; ``seq_mean_token_sum_norm`` -> rows x horizon."""
+        if mode == "token_mean":
+            d = self.tokens
+        elif mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+            d = self.rows
+        elif mode == "seq_mean_token_sum_norm":
+            d = self.rows * self.horizon
+        else:
+            raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {AGG_MODES}")
+        return max(d, 1.0)  # empty: the numerator is 0 too
+
+
+def aggregate_loss(
+    loss: torch.Tensor, mask: torch.Tensor, mode: str, norm: LossNormalizer | None = None
+) -> torch.Tensor:
     """Reduce a per-token loss ``(b, a)`` to a scalar, ignoring masked positions.
 
     Modes (names as in veRL ``core_algos.agg_loss``):
-        - ``token_mean``: mean over all valid tokens of the batch (OpenRLHF, CleanRL-style PPO;
-          long responses weigh more).
+        - ``token_mean``: sum over all valid tokens / number of valid tokens (OpenRLHF,
+          CleanRL-style PPO, DAPO's token-level loss; long responses weigh more).
         - ``seq_mean_token_mean``: mean over each row's valid tokens, then mean over rows
           (the original GRPO objective, Shao et al. 2024 eq. 3: ``1/G sum_i 1/|o_i| sum_t``).
         - ``seq_mean_token_sum``: sum over each row's valid tokens, then mean over rows
-          (no length normalization, as in Dr. GRPO, Liu et al. 2025).
-    Rows with no valid token are left out of the mean over rows (they carry no signal).
+          (no per-row length normalisation; the sum still scales with the response lengths).
+        - ``seq_mean_token_sum_norm``: sum over all valid tokens / (rows x a constant horizon):
+          Dr. GRPO's constant normaliser (Liu et al. 2025, "Understanding R1-Zero-Like Training",
+          section 3.1: ``1/G sum_i 1/MAX_TOKENS sum_t``), unbiased in the response length.
+    Rows with no valid token are left out of the row counts (they carry no signal).
 
     Args:
         loss: ``(b, a)``.
         mask: ``(b, a)``, 0/1 or bool.
         mode: one of ``AGG_MODES``.
+        norm: the full minibatch's counts when this batch is one micro-batch of it (see
+            ``LossNormalizer``); ``None`` = this batch is the whole minibatch (horizon ``a``).
 
     Returns:
-        ``()``.
+        ``()``: this batch's share of the minibatch loss (the whole loss when ``norm`` is None).
     """
-    if mode == "token_mean":
-        return masked_mean(loss, mask)
-    if mode == "seq_mean_token_mean":
-        per_row = masked_mean(loss, mask, dim=-1)
-    elif mode == "seq_mean_token_sum":
-        per_row = masked_sum(loss, mask, dim=-1)
-    else:
+    if mode not in AGG_MODES:
         raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {AGG_MODES}")
-    row_has_tokens = mask.bool().expand_as(loss).any(dim=-1)
-    return masked_mean(per_row, row_has_tokens)
+    norm = LossNormalizer.of(mask) if norm is None else norm
+    if mode == "seq_mean_token_mean":
+        numerator = masked_mean(loss, mask, dim=-1).sum()  # empty rows add 0
+    else:
+        numerator = masked_sum(loss, mask)
+    return numerator / norm.denominator(mode)

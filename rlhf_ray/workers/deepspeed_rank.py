@@ -2,8 +2,9 @@
 
 A group of these Ray workers forms one ``torch.distributed`` world (gloo on CPU, NCCL on GPU)
 that belongs to DeepSpeed alone. ``train_on`` runs the minibatch epochs with gradient
-accumulation; DeepSpeed averages gradients across ranks, clips them and steps the optimizer
-and LR schedule at each accumulation boundary.
+accumulation over (trimmed, optionally token-budget) micro-batches, each contributing its share of
+the FULL minibatch loss (counts all-reduced over the ranks); DeepSpeed averages gradients across
+ranks, clips them and steps the optimizer and LR schedule at each accumulation boundary.
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from rlhf_ray.algo import LossNormalizer
 from rlhf_ray.batch import Experience
 from rlhf_ray.config import LearnerConfig
 from rlhf_ray.faults import maybe_fail
+from rlhf_ray.micro_batches import micro_batches
+from rlhf_ray.micro_batches import plan as micro_plan
 from rlhf_ray.sync.group import host_store, join_store, node_ip
 from rlhf_ray.workers.common import device_for, setup_process, torch_dtype
+from rlhf_ray.workers.forward import batched
 
-LossFn = Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (micro-batch, the full minibatch's loss normaliser) -> (this micro-batch's share of the loss, metrics' shares)
+LossFn = Callable[[Experience, LossNormalizer], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -81,7 +88,7 @@ class DeepSpeedRank:
         self, name: str, rank: int, world_size: int, cfg: LearnerConfig, model_path: str, *,
         device: str = "cpu", dtype: str = "float32", seed: int = 0, threads: int = 1,
         total_optimizer_steps: int = 1, gradient_accumulation_steps: int = 1,
-        trust_remote_code: bool = False,
+        trust_remote_code: bool = False, loss_horizon: int = 0,
     ):
         setup_process(threads, seed)
         self.name, self.rank, self.world_size, self.cfg = name, rank, world_size, cfg
@@ -89,6 +96,7 @@ class DeepSpeedRank:
         self.seed, self.trust_remote_code = seed, trust_remote_code
         self.total_optimizer_steps = total_optimizer_steps
         self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.loss_horizon = loss_horizon  # Dr. GRPO's constant per-row length; 0 = the padded width
         self.engine = None
 
     def __repr__(self) -> str:
@@ -141,34 +149,84 @@ class DeepSpeedRank:
         return torch_dtype(self.dtype)
 
     def train_on(self, exp: Experience, loss_fn: LossFn, epochs: int, minibatches: int) -> dict[str, float]:
-        """``epochs`` shuffled passes over this rank's shard, ``minibatches`` optimizer steps each."""
+        """``epochs`` shuffled passes over this rank's shard, ``minibatches`` optimizer steps each.
+
+        Metrics are this rank's share of each minibatch's value times the world size, so the
+        group's mean over ranks is the full-minibatch value; averaged over the optimizer steps.
+        Keys with a ``/`` (e.g. ``rollout/is_weight_mean``) are not prefixed with the role."""
         maybe_fail(self.name, "train")
         self.engine.train()
         exp = exp.to(self.device)
+        if exp.valid is None:
+            exp = replace(exp, valid=torch.ones(len(exp), device=self.device))
         n = len(exp)
-        minibatch = n // minibatches
-        mb = self.cfg.micro_batch_size
+        size = n // minibatches
         generator = torch.Generator().manual_seed(self.seed + self.engine.global_steps)
         sums: dict[str, float] = defaultdict(float)
-        micro_steps, skipped_before = 0, self.skipped_steps()
+        skipped_before = self.skipped_steps()
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
-            for start in range(0, minibatch * minibatches, mb):
-                batch = exp.select(order[start : start + mb].to(self.device))
-                loss, metrics = loss_fn(batch)
-                self.engine.backward(loss)
-                self.engine.step()
-                micro_steps += 1
-                for k, v in metrics.items():
-                    sums[k] += float(v)
-                sums["loss"] += float(loss.detach())
-        out = {f"{self.role}/{k}": v / micro_steps for k, v in sums.items()}
+            for k in range(minibatches):
+                minibatch = exp.select(order[k * size : (k + 1) * size].to(self.device))
+                for key, v in self._minibatch_step(minibatch, loss_fn).items():
+                    sums[key] += v
+        steps = epochs * minibatches
+        out = {(k if "/" in k else f"{self.role}/{k}"): v / steps for k, v in sums.items()}
         out[f"{self.role}/lr"] = self.scheduler.get_last_lr()[0]
         out[f"{self.role}/nonfinite_steps"] = float(self.skipped_steps() - skipped_before)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             out[f"{self.role}/grad_norm"] = float(grad_norm)
         return out
+
+    def _minibatch_step(self, minibatch: Experience, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on one minibatch, in micro-batches, with the FULL minibatch's loss.
+
+        Each micro-batch's loss is its share of the minibatch loss (``LossNormalizer`` counts
+        all-reduced over the ranks), so the shares add up to the full-minibatch loss. DeepSpeed
+        divides every micro-batch loss by ``gradient_accumulation_steps`` and averages gradients
+        over ranks; multiplying by both undoes that exactly, whatever the number of micro-batches
+        (which may differ per rank under a token budget: short ranks run empty fillers, and the
+        accumulation boundary is set explicitly)."""
+        mask = minibatch.response_mask * minibatch.valid[:, None]
+        local = LossNormalizer.of(mask)
+        groups = micro_plan(minibatch, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+        tokens, rows, count = self._all_reduce([local.tokens, local.rows], [float(len(groups))])
+        norm = LossNormalizer(tokens, rows, self.loss_horizon or minibatch.response_mask.shape[1])
+        scale = self.engine.gradient_accumulation_steps() * self.world_size
+        parts = micro_batches(minibatch, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch,
+                              min_count=int(count))
+        sums: dict[str, float] = defaultdict(float)
+        for i, (_, batch) in enumerate(parts):
+            self.engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
+            loss, metrics = loss_fn(batch, norm)
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            for k, v in metrics.items():
+                sums[k] += float(v)
+            sums["loss"] += float(loss.detach())
+        return {k: v * self.world_size for k, v in sums.items()}
+
+    def _all_reduce(self, sums: list[float], maxes: list[float]) -> list[float]:
+        """``sums`` summed and ``maxes`` maximised over the ranks of this world."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return sums + maxes
+        out = []
+        for values, op in ((sums, dist.ReduceOp.SUM), (maxes, dist.ReduceOp.MAX)):
+            if values:  # every rank passes the same lists, so every rank makes the same calls
+                t = torch.tensor(values, dtype=torch.float64, device=self.device)
+                dist.all_reduce(t, op=op)
+                out += t.tolist()
+        return out
+
+    def forward_batched(self, fn, exp: Experience) -> torch.Tensor:
+        """``forward.batched`` with this rank's micro-batch settings; under ZeRO-3 every rank runs
+        as many forwards as the busiest (parameters are gathered collectively in each)."""
+        count = 0
+        if self.cfg.zero_stage == 3:
+            own = len(micro_plan(exp, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch))
+            count = int(self._all_reduce([], [float(own)])[0])
+        return batched(fn, exp, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch, count)
 
     def full_state(self):
         """Context manager gathering ZeRO-3 shards so ``self.engine.module`` holds full weights."""

@@ -1,12 +1,13 @@
 """Forward passes shared by the policy, reference and critic workers: response-token
-logprobs and values of an ``Experience`` layout, in micro-batches."""
+logprobs and values of an ``Experience`` layout, in (trimmed, optionally token-budget) micro-batches."""
 
 from __future__ import annotations
 
 import torch
 
 from rlhf_ray.algo import entropy_from_logits, logprobs_from_logits
-from rlhf_ray.batch import position_ids
+from rlhf_ray.batch import Experience, position_ids
+from rlhf_ray.micro_batches import micro_batches, scatter_rows
 
 
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, A: int, temperature: float):
@@ -32,10 +33,13 @@ def response_values(model, sequences: torch.Tensor, attention_mask: torch.Tensor
 
 
 @torch.no_grad()
-def batched(fn, sequences: torch.Tensor, attention_mask: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
-    """Apply ``fn(sequences, attention_mask) -> (b, A)`` in micro-batches; concatenate on CPU."""
-    chunks = [
-        fn(sequences[i : i + micro_batch_size], attention_mask[i : i + micro_batch_size]).cpu()
-        for i in range(0, sequences.shape[0], micro_batch_size)
+def batched(fn, exp: Experience, micro_batch_size: int, max_tokens: int = 0, min_count: int = 0) -> torch.Tensor:
+    """Apply ``fn(sequences, attention_mask, A) -> (b, A)`` to trimmed micro-batches of ``exp``
+    (fixed rows, or a token budget: ``micro_batches.micro_batches``; at least ``min_count``
+    calls, for ZeRO-3 ranks that must run as many forwards as their peers); returns ``(B, A)``
+    on CPU in ``exp``'s row order, zero beyond each micro-batch's trimmed width."""
+    parts = [
+        (rows, fn(mb.sequences, mb.attention_mask, mb.response_mask.shape[1]))
+        for rows, mb in micro_batches(exp, micro_batch_size, max_tokens, min_count)
     ]
-    return torch.cat(chunks)
+    return scatter_rows(parts, len(exp), exp.response_mask.shape[1])

@@ -1,26 +1,41 @@
 """Policy learner rank: DeepSpeed ZeRO policy that computes logprobs, runs the policy update
-of the configured algorithm, and streams its weights to the rollout engines."""
+of the configured algorithm (its loss from the algorithm table, with the off-policy IS
+correction between vLLM's behaviour logprobs and the learner's), and streams its weights to
+the rollout engines."""
 
 from __future__ import annotations
 
 import torch
 
-from rlhf_ray.algo import a2c_policy_loss, aggregate_loss, kl_loss, ppo_policy_loss
+from rlhf_ray.algo import (
+    LossNormalizer,
+    a2c_policy_loss,
+    aggregate_loss,
+    cispo_policy_loss,
+    gspo_policy_loss,
+    importance_weights,
+    kl_loss,
+    ppo_policy_loss,
+    resolve_off_policy_mode,
+)
 from rlhf_ray.batch import Experience
 from rlhf_ray.config import AlgoConfig
 from rlhf_ray.models import load_causal_lm
 from rlhf_ray.sync.buckets import TensorMeta, pack
 from rlhf_ray.sync.group import create_group, host_store, node_ip
 from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
-from rlhf_ray.workers.forward import batched, response_logprobs
+from rlhf_ray.workers.forward import response_logprobs
+
+POLICY_LOSSES = {"ppo": ppo_policy_loss, "gspo": gspo_policy_loss, "cispo": cispo_policy_loss}
 
 
 class PolicyWorker(DeepSpeedRank):
     role = "policy"
 
-    def __init__(self, *args, algo: AlgoConfig, temperature: float = 1.0, **kwargs):
+    def __init__(self, *args, algo: AlgoConfig, temperature: float = 1.0, max_staleness: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.algo, self.temperature = algo, temperature
+        self.off_policy = resolve_off_policy_mode(algo.off_policy_correction, max_staleness)
         self.sync_group = None
 
     def build_model(self) -> torch.nn.Module:
@@ -29,42 +44,58 @@ class PolicyWorker(DeepSpeedRank):
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
         """(B, A) logprobs of the response tokens under the current weights."""
         self.engine.eval()
-        A = exp.response_mask.shape[1]
         exp = exp.to(self.device)
 
-        def fn(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def fn(seq: torch.Tensor, mask: torch.Tensor, A: int) -> torch.Tensor:
             return response_logprobs(self.engine, seq, mask, A, self.temperature)[0]
 
-        return batched(fn, exp.sequences, exp.attention_mask, self.cfg.micro_batch_size) * exp.response_mask.cpu()
+        return self.forward_batched(fn, exp) * exp.response_mask.cpu()
 
-    def _loss(self, batch: Experience, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, batch: Experience, norm: LossNormalizer, kl_coef: float):
+        """This micro-batch's share of the policy loss: the algorithm's policy loss (from the
+        algorithm table) weighted by the off-policy IS weights, minus the entropy bonus, plus
+        the KL term when it is a loss. ``old_logprobs is None`` = a single on-policy pass: the
+        detached current logprobs are the old ones."""
         a = self.algo
-        A = batch.response_mask.shape[1]
+        agg = a.agg_mode
         logprobs, entropy = response_logprobs(
-            self.engine, batch.sequences, batch.attention_mask, A, self.temperature, with_entropy=True
+            self.engine, batch.sequences, batch.attention_mask, batch.response_mask.shape[1], self.temperature,
+            with_entropy=True,
         )
         mask = batch.response_mask * batch.valid[:, None]
-        if a.name == "a2c":
-            loss, metrics = a2c_policy_loss(logprobs, batch.advantages, mask, agg_mode=a.loss_agg)
+        old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+        weights, metrics = importance_weights(old, batch.rollout_logprobs, mask, self.off_policy,
+                                              a.off_policy_cap, a.off_policy_level, norm)
+        kind = a.spec.policy_loss
+        if kind == "pg":  # no ratio: on-policy by the table's epoch rule
+            loss, pg_metrics = a2c_policy_loss(logprobs, batch.advantages, mask, agg, norm, weights)
         else:
-            loss, metrics = ppo_policy_loss(
-                logprobs, batch.old_logprobs, batch.advantages, mask, clip_eps=a.clip_eps, agg_mode=a.loss_agg
+            loss, pg_metrics = POLICY_LOSSES[kind](
+                logprobs, old, batch.advantages, mask, clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high or None,
+                agg_mode=agg, norm=norm, is_weights=weights,
             )
-        metrics = dict(metrics, pg_loss=loss.detach())
-        entropy_mean = aggregate_loss(entropy, mask, a.loss_agg)
+        metrics.update(pg_metrics, pg_loss=loss.detach())
+        entropy_mean = aggregate_loss(entropy, mask, agg, norm)
         metrics["entropy"] = entropy_mean.detach()
         if a.entropy_coef:
             loss = loss - a.entropy_coef * entropy_mean
         if not a.kl_in_reward and kl_coef > 0:
-            kl = kl_loss(logprobs, batch.ref_logprobs, mask, kind=a.kl_estimator, agg_mode=a.loss_agg)
+            kl = kl_loss(logprobs, batch.ref_logprobs, mask, kind=a.kl_estimator, agg_mode=agg,
+                         old_logprobs=old, norm=norm)
             metrics["kl_loss"] = kl.detach()
             loss = loss + kl_coef * kl
         return loss, metrics
 
     def update(self, exp: Experience, kl_coef: float) -> dict[str, float]:
-        """Policy epochs on this rank's shard; returns ``policy/*`` metrics."""
-        epochs = 1 if self.algo.name == "a2c" else self.algo.epochs
-        return self.train_on(exp, lambda b: self._loss(b, kl_coef), epochs, self.algo.minibatches)
+        """Policy epochs on this rank's shard (the algorithm table's schedule); returns
+        ``policy/*`` and ``rollout/is_*``/``rollout/mismatch_kl`` metrics."""
+        epochs, minibatches = self.algo.schedule
+        if exp.old_logprobs is None and (epochs, minibatches) != (1, 1):
+            raise ValueError(
+                f"{self!r}: experience without old_logprobs is a single on-policy pass, but the update runs "
+                f"{epochs} epoch(s) of {minibatches} minibatch(es) (algo.epochs/algo.minibatches): compute them"
+            )
+        return self.train_on(exp, lambda b, norm: self._loss(b, norm, kl_coef), epochs, minibatches)
 
     # ---- weight sync (rlhf_ray.sync): every rank joins the gathers, rank 0 sends
     def weight_manifest(self) -> list[TensorMeta]:

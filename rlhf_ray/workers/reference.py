@@ -13,11 +13,12 @@ from rlhf_ray.workers.forward import batched, response_logprobs
 class ReferenceWorker:
     def __init__(
         self, name: str, model_path: str, *, device: str = "cpu", dtype: str = "float32",
-        micro_batch_size: int = 16, temperature: float = 1.0, threads: int = 1, seed: int = 0,
-        trust_remote_code: bool = False,
+        micro_batch_size: int = 16, max_tokens_per_micro_batch: int = 0, temperature: float = 1.0,
+        threads: int = 1, seed: int = 0, trust_remote_code: bool = False,
     ):
         setup_process(threads, seed)
         self.name, self.micro_batch_size, self.temperature = name, micro_batch_size, temperature
+        self.max_tokens = max_tokens_per_micro_batch
         self.device = device_for(device)
         self.model = load_causal_lm(model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval().requires_grad_(False)
@@ -27,10 +28,9 @@ class ReferenceWorker:
 
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
         """(B, A) reference logprobs of the response tokens."""
-        A = exp.response_mask.shape[1]
         exp = exp.to(self.device)
 
-        def fn(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def fn(seq: torch.Tensor, mask: torch.Tensor, A: int) -> torch.Tensor:
             return response_logprobs(self.model, seq, mask, A, self.temperature)[0]
 
-        return batched(fn, exp.sequences, exp.attention_mask, self.micro_batch_size) * exp.response_mask.cpu()
+        return batched(fn, exp, self.micro_batch_size, self.max_tokens) * exp.response_mask.cpu()

@@ -11,10 +11,10 @@ from rlhf_ray.algo.advantages import (
     discounted_returns,
     gae,
     group_advantages,
+    groups_with_signal,
     reinforce_pp_advantages,
     rloo_advantages,
 )
-from rlhf_ray.algo.masks import masked_whiten
 
 
 def _ragged(b: int, a: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
@@ -145,6 +145,32 @@ def test_rloo_by_hand_and_loop():
     )
 
 
+def test_masked_rows_are_out_of_group_baselines():
+    # Group [1, 2, masked (a NaN reward zeroed), 3]: the masked row is neither baseline nor
+    # baselined. GRPO over [1, 2, 3]: mean 2, unbiased std 1 -> [-1, 0, 1]; RLOO: 1 - (2+3)/2 = -1.5,
+    # 2 - (1+3)/2 = 0, 3 - (1+2)/2 = 1.5. Group 2 has one valid sample: no baseline -> 0.
+    scores = torch.tensor([1.0, 2.0, 0.0, 3.0, 5.0, 0.0, 0.0, 0.0])
+    valid = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(group_advantages(scores, 4, eps=0.0, valid=valid),
+                               torch.tensor([-1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(group_advantages(scores, 4, normalize_std=False, valid=valid),
+                               torch.tensor([-1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(rloo_advantages(scores, 4, valid=valid),
+                               torch.tensor([-1.5, 0.0, 0.0, 1.5, 0.0, 0.0, 0.0, 0.0]))
+    # Without the mask, the zeroed score would pull the baseline: [1, 2, 0, 3] has mean 1.5.
+    assert group_advantages(scores, 4, eps=0.0)[1] != 0
+
+
+def test_groups_with_signal_dapo_dynamic_sampling():
+    # pairs: [1, 1] all agree -> drop; [0, 1] -> keep; [0.5, masked] one valid -> drop;
+    # [2, 2] -> drop; [7, 2] -> keep.
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.0, 2.0, 2.0, 7.0, 2.0])
+    valid = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    keep = groups_with_signal(scores, 2, valid)
+    assert keep.tolist() == [False, True, False, False, True]
+    assert groups_with_signal(torch.tensor([0.0, 0.05]), 2, tol=0.1).tolist() == [False]
+
+
 @pytest.mark.parametrize("fn", [group_advantages, rloo_advantages])
 def test_group_baselines_reject_bad_group_size(fn):
     with pytest.raises(ValueError, match="multiple of group_size"):
@@ -164,7 +190,16 @@ def test_reinforce_pp_is_whitened_reward_to_go():
     mean, std = statistics.mean(valid), statistics.stdev(valid)
     expected = torch.where(mask.bool(), (returns - mean) / std, torch.zeros_like(returns))
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(out, masked_whiten(discounted_returns(rewards, mask, 1.0), mask))
+
+
+def test_reinforce_pp_by_hand():
+    # rewards [1, 2 | pad] and [3 | pad, pad], gamma 1: reward-to-go [3, 2] and [3];
+    # valid values 3, 2, 3: mean 8/3, deviations 1/3, -2/3, 1/3, unbiased var (1 + 4 + 1)/9 / 2 = 1/3
+    # -> whitened 1/3 / sqrt(1/3) = 0.57735, -1.154701, 0.57735
+    out = reinforce_pp_advantages(torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]]),
+                                  torch.tensor([[1, 1, 0], [1, 0, 0]]), gamma=1.0)
+    r = math.sqrt(1 / 3)
+    torch.testing.assert_close(out, torch.tensor([[r, -2 * r, 0.0], [r, 0.0, 0.0]]), rtol=1e-5, atol=1e-5)
 
 
 def test_broadcast_sequence_advantages():

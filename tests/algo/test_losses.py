@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_ray.algo.kl import kl_estimate
 from rlhf_ray.algo.losses import (
     a2c_policy_loss,
+    cispo_policy_loss,
+    gspo_policy_loss,
     kl_loss,
     pairwise_bt_loss,
     ppo_policy_loss,
@@ -115,18 +116,123 @@ def test_a2c_policy_loss_by_hand():
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-1.0, 0.25, 0.0]]))
 
 
-def test_kl_loss():
-    # One valid token with pi = 1/2, ref = 1/4: k3 = ln 2 - 0.5 = 0.1931; the padding token is ignored.
+def test_kl_loss_by_hand():
+    # One valid token with pi = 1/2, ref = 1/4 (log-ratio ln 2); the padding token is ignored.
     logprobs = torch.tensor([[math.log(0.5), 0.0]])
     ref_logprobs = torch.tensor([[math.log(0.25), -30.0]])
     mask = torch.tensor([[1, 0]])
-    torch.testing.assert_close(kl_loss(logprobs, ref_logprobs, mask), torch.tensor(math.log(2) - 0.5))
-    torch.testing.assert_close(kl_loss(logprobs, ref_logprobs, mask, kind="k1"), torch.tensor(math.log(2)))
-    torch.manual_seed(0)
-    a, b = torch.randn(3, 4), torch.randn(3, 4)
-    m = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]])
-    expected = aggregate_loss(kl_estimate(a, b, "k3"), m, "seq_mean_token_mean")
-    torch.testing.assert_close(kl_loss(a, b, m, agg_mode="seq_mean_token_mean"), expected)
+    ln2 = math.log(2)
+    # k2 = 0.5 * (ln 2)^2 = 0.240227 (the default); k3 = ref/pi - 1 - ln(ref/pi) = 0.5 - 1 + ln 2 = 0.193147
+    torch.testing.assert_close(kl_loss(logprobs, ref_logprobs, mask), torch.tensor(0.5 * ln2**2))
+    torch.testing.assert_close(kl_loss(logprobs, ref_logprobs, mask, kind="k3"), torch.tensor(ln2 - 0.5))
+    # Sampled by pi_old = 1/4 (a reused sample): weight pi / pi_old = 2 -> 2 * 0.240227
+    old = torch.tensor([[math.log(0.25), 0.0]])
+    torch.testing.assert_close(kl_loss(logprobs, ref_logprobs, mask, old_logprobs=old), torch.tensor(ln2**2))
+    # seq_mean_token_mean over two rows: row 0 tokens k2 = [0.240227, 0 (pi == ref)] -> 0.120113;
+    # row 1 one token with log-ratio 1 -> k2 = 0.5; mean over rows (0.120113 + 0.5) / 2 = 0.310057
+    lp = torch.tensor([[math.log(0.5), -1.0], [0.0, 0.0]])
+    ref = torch.tensor([[math.log(0.25), -1.0], [-1.0, 0.0]])
+    m = torch.tensor([[1, 1], [1, 0]])
+    torch.testing.assert_close(kl_loss(lp, ref, m, agg_mode="seq_mean_token_mean"),
+                               torch.tensor((0.5 * ln2**2 / 2 + 0.5) / 2))
+    with pytest.raises(ValueError, match="k1"):
+        kl_loss(logprobs, ref_logprobs, mask, kind="k1")
+
+
+# A small categorical policy: pi = softmax(theta) over 4 tokens, a fixed reference, and an older
+# sampling policy pi_old for the reused-sample case.
+THETA = torch.tensor([0.3, -0.2, 1.1, -0.7], dtype=torch.float64)
+THETA_OLD = torch.tensor([0.0, 0.4, 0.5, -0.3], dtype=torch.float64)
+REF = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+
+
+def _exact_grad(kl_fn) -> torch.Tensor:
+    """d/dtheta of a closed-form KL, by autograd."""
+    theta = THETA.clone().requires_grad_(True)
+    return torch.autograd.grad(kl_fn(torch.log_softmax(theta, -1)), theta)[0]
+
+
+def _expected_estimator_grad(kind: str, sampled_from_old: bool, weighted: bool = True) -> torch.Tensor:
+    """E_{y ~ sampler}[d/dtheta kl_loss at token y], exactly: enumerate the support, weight by the
+    sampler's probability (pi, or pi_old for reused samples)."""
+    theta = THETA.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)
+    sampler = torch.log_softmax(THETA_OLD, -1) if sampled_from_old else logp.detach()
+    total = torch.zeros_like(THETA)
+    for y in range(4):
+        old = sampler[y].view(1, 1) if weighted else None
+        loss = kl_loss(logp[y].view(1, 1), REF.log()[y].view(1, 1), torch.ones(1, 1), kind=kind, old_logprobs=old)
+        total += sampler[y].exp() * torch.autograd.grad(loss, theta, retain_graph=True)[0]
+    return total
+
+
+def test_kl_loss_gradient_direction_on_a_categorical():
+    forward = _exact_grad(lambda logp: (logp.exp() * (logp - REF.log())).sum())  # grad KL(pi || ref)
+    reverse = _exact_grad(lambda logp: (REF * (REF.log() - logp)).sum())  # grad KL(ref || pi)
+    assert (forward - reverse).abs().max() > 0.05  # the two directions really differ here
+    # k2's expected gradient is grad KL(pi || ref), on-policy and on reused samples (weight pi/pi_old).
+    torch.testing.assert_close(_expected_estimator_grad("k2", False), forward)
+    torch.testing.assert_close(_expected_estimator_grad("k2", True), forward)
+    # k3's is grad KL(ref || pi): the documented, reverse direction.
+    torch.testing.assert_close(_expected_estimator_grad("k3", False), reverse)
+    torch.testing.assert_close(_expected_estimator_grad("k3", True), reverse)
+    # Without the importance weight, reused samples give a different (wrong) gradient.
+    assert (_expected_estimator_grad("k2", True, weighted=False) - forward).abs().max() > 0.01
+
+
+def test_k1_as_a_loss_has_zero_expected_gradient():
+    # Why k1 is rejected as a loss term: E_pi[grad (log pi - log ref)] = E_pi[grad log pi] = 0.
+    theta = THETA.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)
+    expected = sum(logp[y].exp().detach() * torch.autograd.grad(logp[y] - REF.log()[y], theta, retain_graph=True)[0]
+                   for y in range(4))
+    torch.testing.assert_close(expected, torch.zeros(4, dtype=torch.float64))
+
+
+def test_gspo_sequence_ratio_by_hand():
+    # Row 0: token ratios 1.2 and 0.8 -> s = exp(mean(ln 1.2, ln 0.8)) = sqrt(0.96) = 0.979796, inside
+    #        [0.8, 1.2]: both tokens get -A * s = -0.979796, gradient -A * s / 2 tokens / 2 rows each.
+    # Row 1: token ratios 2 and 2 -> s = 2, A = +1, clipped to 1.2: -1.2, no gradient.
+    # seq_mean_token_mean: (-0.979796 - 1.2) / 2 = -1.089898
+    logprobs = torch.tensor([[math.log(1.2), math.log(0.8)], [math.log(2), math.log(2)]], requires_grad=True)
+    adv = torch.ones(2, 2)
+    loss, m = gspo_policy_loss(logprobs, torch.zeros(2, 2), adv, torch.ones(2, 2), clip_eps=0.2, clip_eps_high=0.2)
+    s = math.sqrt(0.96)
+    torch.testing.assert_close(loss, torch.tensor((-s - 1.2) / 2))
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-s / 4, -s / 4], [0.0, 0.0]]))
+    torch.testing.assert_close(m["clipfrac"], torch.tensor(0.5))  # row 1's two tokens of 4
+    # GSPO sees only the sequence ratio: token log-ratios +0.5 and -0.5 (ratios 1.65 and 0.61, both
+    # outside PPO's token range) give s = 1: no clipping, loss -A = -1.
+    lp = torch.tensor([[0.5, -0.5]])
+    loss, _ = gspo_policy_loss(lp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2, 0.2)
+    torch.testing.assert_close(loss, torch.tensor(-1.0))
+
+
+def test_cispo_clipped_detached_weight_by_hand():
+    # ratios 1.0, 1.5, 0.5 (old = 0, logprobs = ln ratio), A = +1, +1, -1; eps_low 1 (no lower
+    # bound), eps_high 0.2 -> weights sg(clip(ratio, 0, 1.2)) = 1.0, 1.2, 0.5.
+    # per token -w * A * logp: 0, -1.2 * ln 1.5 = -0.486558, -0.5 * -1 * ln 0.5 = -0.346574
+    # token_mean = -0.833132 / 3 = -0.277711; gradient -w * A / 3 = [-1/3, -0.4, +1/6]: the clipped
+    # token keeps a (bounded) gradient, unlike PPO where it would be 0.
+    logprobs = torch.tensor([[0.0, math.log(1.5), math.log(0.5)]], requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, m = cispo_policy_loss(logprobs, torch.zeros(1, 3), adv, torch.ones(1, 3), clip_eps=1.0, clip_eps_high=0.2)
+    torch.testing.assert_close(loss, torch.tensor((-1.2 * math.log(1.5) + 0.5 * math.log(0.5)) / 3))
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1 / 3, -0.4, 1 / 6]]))
+    torch.testing.assert_close(m["clipfrac"], torch.tensor(1 / 3))
+
+
+def test_is_weights_multiply_the_per_token_loss():
+    # a2c: -A * logp = [2.0, -1.0]; weights [0.5, 2.0] -> [1.0, -2.0] -> token_mean -0.5
+    logprobs = torch.tensor([[-1.0, -2.0]])
+    adv = torch.tensor([[2.0, -0.5]])
+    loss, _ = a2c_policy_loss(logprobs, adv, torch.ones(1, 2), is_weights=torch.tensor([[0.5, 2.0]]))
+    torch.testing.assert_close(loss, torch.tensor(-0.5))
+    # ppo on-policy (ratio 1): -A = [-2.0, 0.5] * [0.5, 2.0] = [-1.0, 1.0] -> 0
+    loss, _ = ppo_policy_loss(logprobs, logprobs, adv, torch.ones(1, 2), is_weights=torch.tensor([[0.5, 2.0]]))
+    torch.testing.assert_close(loss, torch.tensor(0.0))
 
 
 def test_pairwise_bt_loss_by_hand():

@@ -7,6 +7,7 @@ import torch
 
 from rlhf_ray.algo.masks import (
     AGG_MODES,
+    LossNormalizer,
     aggregate_loss,
     masked_mean,
     masked_sum,
@@ -98,6 +99,54 @@ def test_aggregate_loss_modes_by_hand():
     torch.testing.assert_close(aggregate_loss(loss, mask, "seq_mean_token_mean"), torch.tensor(3.0))
     # seq_mean_token_sum: row sums 6 and 4 -> (6 + 4) / 2 rows = 5
     torch.testing.assert_close(aggregate_loss(loss, mask, "seq_mean_token_sum"), torch.tensor(5.0))
+    # seq_mean_token_sum_norm (Dr. GRPO): 10 / (2 rows x horizon); horizon = width 3 -> 10/6, or 5 -> 1
+    torch.testing.assert_close(aggregate_loss(loss, mask, "seq_mean_token_sum_norm"), torch.tensor(10 / 6))
+    norm = LossNormalizer.of(mask, horizon=5)
+    assert (norm.tokens, norm.rows, norm.horizon) == (4.0, 2.0, 5)
+    torch.testing.assert_close(aggregate_loss(loss, mask, "seq_mean_token_sum_norm", norm), torch.tensor(1.0))
+
+
+def _ragged_minibatch():
+    """8 rows of unequal lengths (one fully masked: a masked sample), as 2 ranks x 2 micro-batches
+    of 2 rows each, the way a learner sees one minibatch."""
+    lengths = [5, 1, 3, 0, 2, 6, 4, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (6 - n) for n in lengths])
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    adv = torch.randn(8, 6, dtype=torch.float64)
+    return x, adv, mask
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_global_normaliser_makes_micro_batches_and_ranks_add_up_to_the_full_minibatch(mode):
+    """The arithmetic of ``DeepSpeedRank._minibatch_step``: every micro-batch's loss is its share
+    over the all-reduced counts, scaled by gas x world size because DeepSpeed divides each
+    micro-batch loss by gas and averages gradients over ranks. Sum of shares and the accumulated
+    gradient equal the single full-minibatch loss and gradient."""
+    x, adv, mask = _ragged_minibatch()
+
+    def per_token(rows):
+        return -adv[rows] * x[rows] + 0.5 * x[rows] ** 2  # nonlinear in x, like a real loss
+
+    full = aggregate_loss(per_token(slice(None)), mask, mode, LossNormalizer.of(mask, horizon=6))
+    (full_grad,) = torch.autograd.grad(full, x)
+    world, gas = 2, 2
+    ranks = [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]  # rank -> micro-batches -> rows
+    # all-reduce SUM of each rank's counts over its whole share of the minibatch
+    counts = [LossNormalizer.of(mask[sum(r, [])]) for r in ranks]
+    norm = LossNormalizer(sum(c.tokens for c in counts), sum(c.rows for c in counts), horizon=6)
+    assert (norm.tokens, norm.rows) == (22.0, 7.0)  # 22 tokens; the empty row is not counted
+    shares, grad = 0.0, torch.zeros_like(x)
+    for rank in ranks:
+        for rows in rank:
+            share = aggregate_loss(per_token(rows), mask[rows], mode, norm)
+            shares = shares + share
+            grad += torch.autograd.grad(share * gas * world / gas, x)[0] / world  # what DeepSpeed does
+    torch.testing.assert_close(shares, full)
+    torch.testing.assert_close(grad, full_grad)
+    # The per-micro-batch mean it replaces weighs short micro-batches more: not the full gradient.
+    local = sum(aggregate_loss(per_token(rows), mask[rows], mode) for rank in ranks for rows in rank) / 4
+    assert (torch.autograd.grad(local, x)[0] - full_grad).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
