@@ -134,6 +134,9 @@ def train_rows(rank: DeepSpeedRank, batch, loss_fn: Callable, steps: int) -> dic
     out = {f"{rank.role}/{k}": v / max(steps, 1) for k, v in sums.items()}
     out[f"{rank.role}/lr"] = rank.scheduler.get_last_lr()[0]
     out[f"{rank.role}/nonfinite_steps"] = float(rank.skipped_steps() - skipped_before)
+    grad_norm = rank.engine.get_global_grad_norm()
+    if grad_norm is not None:
+        out[f"{rank.role}/grad_norm"] = float(grad_norm)
     return out
 
 
