@@ -3,8 +3,11 @@
 # a head node (runs the job driver, hosts no workers), ROLLOUT_NODES nodes that advertise the
 # `rollout_node` resource and LEARNER_NODES nodes that advertise `learner_node` (see
 # rlhf_ray/placement.py; train with cluster.node_resources=true). Every node binds to 127.0.0.1,
-# uses free ports and one temp dir of its own ($RLHF_LOCAL_DIR), and token authentication is on
-# unless RAY_AUTH_MODE says otherwise (a token is generated into $RLHF_LOCAL_DIR/auth_token).
+# uses free ports and a Ray temp dir of its own under $RLHF_LOCAL_DIR (`ray start --temp-dir` is
+# per node): each node's runtime-env agent unpacks a job's working_dir into its own node's
+# session directory, so two agents never unpack into, or delete, the directory a driver is
+# importing from. Token authentication is on unless RAY_AUTH_MODE says otherwise (a token is
+# generated into $RLHF_LOCAL_DIR/auth_token).
 #
 #   cluster/local_multinode.sh start     # prints how to use it; writes $RLHF_LOCAL_DIR/env
 #   source /tmp/rlhf_ray_local/env       # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, auth settings
@@ -42,10 +45,11 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-launch() {  # launch NAME ARGS...: `ray start --block` in its own session; its pid goes to $DIR/pids
-  local name=$1; shift
+launch() {  # launch NAME TEMP ARGS...: `ray start --block` in its own session with Ray temp dir
+  # $DIR/TEMP (short: unix socket paths); its pid goes to $DIR/pids
+  local name=$1 temp=$DIR/$2; shift 2
   # PATH: `python` in job entrypoints is the interpreter of this ray (e.g. the project's venv)
-  PATH="$(dirname "$RAY"):$PATH" setsid "$RAY" start --block --disable-usage-stats --node-ip-address=127.0.0.1 --temp-dir="$DIR/ray" \
+  PATH="$(dirname "$RAY"):$PATH" setsid "$RAY" start --block --disable-usage-stats --node-ip-address=127.0.0.1 --temp-dir="$temp" \
     --object-store-memory="$OBJECT_STORE" "$@" >"$DIR/$name.log" 2>&1 < /dev/null &
   echo "$! $name" >>"$DIR/pids"
 }
@@ -85,14 +89,14 @@ start() {
   ports=("${ports[@]:7}")
   # slow machines: give each node's agents longer than the default to come up
   export RAY_agent_register_timeout_ms=${RAY_agent_register_timeout_ms:-120000}
-  launch head --head --port="$GCS" --num-cpus="$HEAD_CPUS" --resources='{}' \
+  launch head h --head --port="$GCS" --num-cpus="$HEAD_CPUS" --resources='{}' \
     --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH" \
     --dashboard-agent-listen-port="$AGENT" --dashboard-agent-grpc-port="$AGENT_GRPC" \
     --runtime-env-agent-port="$RTENV" --ray-client-server-port="$CLIENT" --metrics-export-port="$METRICS" \
     --labels="rlhf-ray/node-type=head"
   export RAY_ADDRESS=127.0.0.1:$GCS
   wait_nodes 1 || { stop; exit 1; }
-  # one node at a time: nodes sharing a temp dir must not race for their socket/log file names
+  # one node at a time, so that a node that fails to come up is named in the error
   local i kind nodes=1
   for kind in rollout learner; do
     local count=$ROLLOUT_NODES cpus=$ROLLOUT_CPUS
@@ -100,7 +104,7 @@ start() {
     for ((i = 0; i < count; i++)); do
       read -r AGENT AGENT_GRPC RTENV METRICS <<<"${ports[*]:0:4}"
       ports=("${ports[@]:4}")
-      launch "$kind-node-$i" --address="$RAY_ADDRESS" --num-cpus="$cpus" \
+      launch "$kind-node-$i" "${kind:0:1}$i" --address="$RAY_ADDRESS" --num-cpus="$cpus" \
         --resources="{\"${kind}_node\": $cpus}" --labels="rlhf-ray/node-type=$kind" \
         --dashboard-agent-listen-port="$AGENT" --dashboard-agent-grpc-port="$AGENT_GRPC" \
         --runtime-env-agent-port="$RTENV" --metrics-export-port="$METRICS"
@@ -116,15 +120,15 @@ start() {
     echo "export RLHF_METRICS_URL=http://127.0.0.1:$METRICS/metrics"
   } >"$DIR/env"
   cat <<EOF
-local cluster up: 1 head + $ROLLOUT_NODES rollout node(s) + $LEARNER_NODES learner node(s), temp dir $DIR
+local cluster up: 1 head + $ROLLOUT_NODES rollout node(s) + $LEARNER_NODES learner node(s), temp dirs under $DIR
   source $DIR/env
   dashboard:  http://127.0.0.1:$DASH   (head metrics: http://127.0.0.1:$METRICS/metrics)
   stop:       $0 stop
 EOF
 }
 
-own_pids() {  # every process whose command line names our temp dir (raylets, workers, agents)
-  "$PYTHON" - "$DIR/ray" <<'EOF'
+own_pids() {  # every process whose command line names one of our nodes' temp dirs (raylets, workers, agents)
+  "$PYTHON" - "$DIR/" <<'EOF'
 import os, sys
 me, mark = os.getpid(), sys.argv[1].encode()
 for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING  # noqa: F401  (re-exported for YAML users)
 
 from rlhf_ray.algo import AGG_MODES, KL_ESTIMATORS, KL_LOSS_ESTIMATORS, OFF_POLICY_LEVELS, OFF_POLICY_MODES
 from rlhf_ray.algorithms import ALGORITHMS, Algorithm, algorithm
+from rlhf_ray.topology import auto_threads, auto_workers
 
 REWARD_KINDS = ("model", "function", "http")
 SYNC_BACKENDS = ("collective", "object_store")
@@ -87,8 +88,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    num_engines: int = 2
-    """vLLM engines (Ray workers), each with tensor_parallel_size devices"""
+    num_engines: int = 0
+    """vLLM engines (Ray workers), each with tensor_parallel_size devices; 0 = auto (rlhf_ray/topology.py)"""
     tensor_parallel_size: int = 1
     """tensor parallelism inside one vLLM engine"""
     n_samples_per_prompt: int = 4
@@ -153,8 +154,6 @@ class AlgoConfig:
     """upper ratio clip 1 + clip_eps_high (DAPO clip-higher, GSPO, CISPO); 0 = clip_eps"""
     value_clip_eps: float = 0.2
     """value-function clip (0 = unclipped)"""
-    vf_coef: float = 0.5
-    """weight of the value loss (critic optimises it alone; logged for reference)"""
     entropy_coef: float = 0.0
     """entropy bonus weight"""
     kl_coef: float = 0.05
@@ -213,8 +212,8 @@ class AlgoConfig:
 
 @dataclass
 class LearnerConfig:
-    num_ranks: int = 2
-    """DeepSpeed data-parallel ranks (Ray workers)"""
+    num_ranks: int = 0
+    """DeepSpeed data-parallel ranks (Ray workers); 0 = auto (rlhf_ray/topology.py)"""
     zero_stage: int = 2
     """ZeRO stage 0-3"""
     offload: bool = False
@@ -257,8 +256,8 @@ class ClusterConfig:
     """logical CPUs of a local cluster; 0 = enough for the resource plan"""
     cpus_per_worker: float = 1.0
     """logical CPUs each worker reserves"""
-    threads_per_worker: int = 1
-    """torch/OMP threads inside each worker"""
+    threads_per_worker: int = 0
+    """torch/OMP threads inside each worker; 0 = auto: the machine's cores per worker of a role"""
     object_store_mb: int = 512
     """object store of a local cluster"""
     include_dashboard: bool = False
@@ -272,6 +271,10 @@ class ClusterConfig:
     node_resources: bool = False
     """each bundle also asks for 1 unit of its role's node resource (rollout_node | learner_node)"""
 
+    def __post_init__(self) -> None:
+        if self.threads_per_worker == 0:
+            self.threads_per_worker = auto_threads(self.device)
+
 
 @dataclass
 class TrainerConfig:
@@ -282,7 +285,8 @@ class TrainerConfig:
     save_every: int = 0
     """checkpoint every k steps (0 = only the final policy)"""
     eval_every: int = 0
-    """evaluate on held-out prompts every k steps (0 = never during training)"""
+    """every k steps, score one sample per held-out prompt (data.eval_prompts) with the reward
+    workers and log eval/reward and eval/gold to metrics.jsonl (0 = only at the end)"""
     output_dir: str = ""
     """run directory; empty = Hydra's run directory"""
     resume: str = "auto"
@@ -385,6 +389,17 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     dry_run: bool = False
     """print the resource plan, check it against the cluster, start no workers"""
+
+    def __post_init__(self) -> None:
+        workers = auto_workers(self.cluster.device)
+        if self.rollout.num_engines == 0:
+            self.rollout = replace(self.rollout, num_engines=workers)
+        self.policy, self.critic = resolve_learner(self.policy, workers), resolve_learner(self.critic, workers)
+
+
+def resolve_learner(c: LearnerConfig, workers: int) -> LearnerConfig:
+    """``c`` with ``num_ranks`` = 0 (auto) replaced by ``workers`` (rlhf_ray/topology.py)."""
+    return replace(c, num_ranks=workers) if c.num_ranks == 0 else c
 
 
 def check_learner(key: str, c: LearnerConfig, sequences: int, epochs_minibatches: int,
@@ -529,6 +544,8 @@ def _trainer_errors(t: TrainerConfig) -> list[str]:
         e.append(f"trainer.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
     if t.save_every < 0:
         e.append(f"trainer.save_every: must be >= 0, got {t.save_every}")
+    if t.eval_every < 0:
+        e.append(f"trainer.eval_every: must be >= 0, got {t.eval_every}")
     if t.total_steps < 0:
         e.append(f"trainer.total_steps: must be >= 0, got {t.total_steps}")
     if t.max_staleness < 0:

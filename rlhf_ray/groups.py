@@ -6,6 +6,8 @@ names the worker it came from."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 
 import ray
 import torch
@@ -46,9 +48,11 @@ class Group:
     def __init__(self, plan: RolePlan, cls: type, kwargs_for, *, namespace: str, timeout_s: float,
                  env: dict[str, str] | None = None, max_restarts: int = 0, max_task_retries: int = 0):
         self.plan, self.timeout_s = plan, timeout_s
+        self.spawned_at = time.monotonic()
+        # No wait here: workers scheduled into the placement group start as soon as it is placed,
+        # so every group's placement and constructors overlap (``ready`` waits, with a timeout).
         self.pg = placement_group([plan.bundle() for _ in range(plan.workers)], strategy=plan.strategy,
                                   name=f"rlhf_ray-{plan.role}")
-        ray.get(self.pg.ready(), timeout=timeout_s)
         remote_cls = ray.remote(cls)
         self.names = [f"{plan.role}-{i}" for i in range(plan.workers)]
         self.workers = [
@@ -68,8 +72,15 @@ class Group:
         return wait(refs, self.names[: len(refs)], f"{self.plan.role}.{what}", self.timeout_s)
 
     def ready(self) -> None:
-        """Wait until every worker's constructor has finished."""
+        """Wait until the placement group is placed and every worker's constructor has finished."""
+        wait([self.pg.ready()], [f"placement group rlhf_ray-{self.plan.role}"], f"{self.plan.role}.place",
+             self.timeout_s)
         self.get([w.__ray_ready__.remote() for w in self.workers], "start")
+
+    def start(self) -> float:
+        """Wait until the group can serve calls; returns seconds since it was spawned."""
+        self.ready()
+        return time.monotonic() - self.spawned_at
 
     def shutdown(self) -> None:
         for w in self.workers:
@@ -130,8 +141,28 @@ class ReferenceGroup(Group):
         return torch.cat(self.get(refs, "compute_logprobs"))
 
 
+def start_all(groups: list[Group]) -> dict[str, float]:
+    """Start every group at once (each waits for its own workers, then wires its world, in its
+    own thread); returns each role's seconds from spawn to serving. The first failure is raised
+    as soon as it happens, naming its worker; each wait has its group's timeout."""
+    pool = ThreadPoolExecutor(max_workers=max(len(groups), 1), thread_name_prefix="start")
+    futures = {pool.submit(g.start): g.plan.role for g in groups}
+    try:
+        done, _ = wait_futures(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            f.result()  # the first failure; the caller shuts the groups down, which ends the other waits
+        return {futures[f]: f.result() for f in futures}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 class DeepSpeedGroup(Group):
     """Ranks of one DeepSpeed world; rank 0 hosts the rendezvous."""
+
+    def start(self) -> float:
+        self.ready()
+        self.init_world()
+        return time.monotonic() - self.spawned_at
 
     def init_world(self) -> None:
         host, port = self.get([self.workers[0].address.remote()], "address")[0]

@@ -26,6 +26,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_ray.config import Config, ConfigError, config_errors, redacted
+from rlhf_ray.runtime import reports_user_errors, run_dir
 from rlhf_ray.stage_config import (
     EvalConfig,
     PipelineConfig,
@@ -106,13 +107,23 @@ def validate_stages(s: Stages) -> Stages:
     return s
 
 
-def cpus_needed(s: Stages) -> float:
-    """Logical CPUs of the largest stage (stages run one after the other)."""
-    from rlhf_ray.placement import plan_totals, resource_plan
+def stage_plans(s: Stages) -> list[list]:
+    """The resource plan of each stage (the stages run one after the other on one cluster)."""
+    from rlhf_ray.evaluate import engine_plan, logprob_plan, policy_names
+    from rlhf_ray.placement import resource_plan
+    from rlhf_ray.stage import supervised_plan
 
-    per_worker = s.ppo.cluster.cpus_per_worker
-    return max(plan_totals(resource_plan(s.ppo))["CPU"], s.sft.learner.num_ranks * per_worker,
-               s.reward_model.learner.num_ranks * per_worker, len(s.eval.policies) * per_worker)
+    n_models = len({*s.eval.policies, s.eval.reference_path or s.eval.policies[0]})
+    return [[supervised_plan("sft", s.sft.learner, s.sft.cluster)],
+            [supervised_plan("reward_model", s.reward_model.learner, s.reward_model.cluster)],
+            resource_plan(s.ppo), engine_plan(s.eval, policy_names(s.eval)), logprob_plan(s.eval, n_models)]
+
+
+def cpus_needed(s: Stages) -> float:
+    """Logical CPUs of the largest stage."""
+    from rlhf_ray.placement import plan_totals
+
+    return max(plan_totals(p)["CPU"] for p in stage_plans(s))
 
 
 def banner(i: int, title: str) -> None:
@@ -122,15 +133,15 @@ def banner(i: int, title: str) -> None:
 def run(cfg: PipelineConfig, out: Path) -> dict:
     """All four stages; returns (and writes to ``out/summary.json``) what each produced."""
     from rlhf_ray import evaluate, reward_model, sft, train
-    from rlhf_ray.evaluate import print_table
-    from rlhf_ray.stage import ensure_ray
+    from rlhf_ray.eval_report import print_table
+    from rlhf_ray.runtime import connect
 
     stages = validate_stages(stage_configs(cfg, out))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(redacted(asdict(cfg)), indent=2) + "\n")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    started = ensure_ray(cfg.cluster, cpus_needed(stages))
+    started = connect(cfg.cluster, *stage_plans(stages))
     try:
         banner(1, "SFT on demonstrations")
         t = time.perf_counter()
@@ -182,12 +193,11 @@ def print_report(summary: dict, report: dict, out: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
+@reports_user_errors
 def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from rlhf_ray.stage import output_dir
-
     cfg: PipelineConfig = OmegaConf.to_object(dcfg)
-    run(cfg, output_dir(cfg.output_dir))
+    run(cfg, run_dir(cfg.output_dir))
 
 
 if __name__ == "__main__":

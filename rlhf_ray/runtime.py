@@ -1,19 +1,23 @@
-"""Everything the driver sets up before training: the model and data paths (building the
-built-in tiny model and task data when none are given), the Ray connection, and the worker
-groups of the resource plan."""
+"""Everything a driver sets up before it works: the model and data paths (building the
+built-in tiny model and task data when none are given), the Ray connection and the run
+directory (one function each, used by every entry point), how user errors are reported, and
+the worker groups of the resource plan."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import ClusterConfig, Config
 from rlhf_ray.faults import fault_env
-from rlhf_ray.groups import CriticGroup, PolicyGroup, ReferenceGroup, RewardGroup, RolloutGroup
+from rlhf_ray.groups import CriticGroup, PolicyGroup, ReferenceGroup, RewardGroup, RolloutGroup, start_all
 from rlhf_ray.placement import RolePlan, check_fits, format_plan, plan_totals, resource_plan
 
 log = logging.getLogger(__name__)
@@ -55,34 +59,85 @@ def resolve_assets(cfg: Config) -> Assets:
     )
 
 
-def connect(cfg: Config, plan: list[RolePlan]) -> bool:
-    """Join the cluster at ``cluster.address`` / ``RAY_ADDRESS`` (as under ``ray job submit``),
-    or start a local one with enough logical CPUs for the plan. Returns whether a local
-    cluster was started here (and so should be shut down by the caller)."""
-    c = cfg.cluster
+def connect(cluster: ClusterConfig, *plans: list[RolePlan]) -> bool:
+    """The one way every entry point (train, sft, reward_model, evaluate, pipeline) joins Ray.
+
+    Join the cluster at ``cluster.address`` / ``RAY_ADDRESS`` (as under ``ray job submit``), or
+    start a new local one (``address="local"``: never attach to some other cluster running on
+    this machine) with enough logical CPUs and node resources for the largest of ``plans``
+    (stages that run one after the other, like the pipeline's, each pass their plan). A
+    connection made earlier (tests, a notebook, the pipeline) is used as it is. Every plan must
+    fit the cluster. Returns whether a local cluster was started here (the caller shuts it down)."""
     started = False
-    address = c.address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster.address or os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
-        pass  # e.g. tests or a notebook that connected already
+        pass
     elif address:
-        ray.init(address=address, namespace=c.namespace, log_to_driver=True)
+        ray.init(address=address, namespace=cluster.namespace, log_to_driver=True)
     else:
         # Logical CPUs are what Ray schedules by; threads per worker are pinned separately.
-        num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(plan_totals(plan)["CPU"] + 0.999))
+        need = max((plan_totals(p)["CPU"] for p in plans), default=0.0)
+        resources: dict[str, float] = {}
+        for p in plans:  # cluster.node_resources on one machine
+            for k, v in node_resources(p).items():
+                resources[k] = max(resources.get(k, 0.0), v)
         ray.init(
-            address="local",  # a new cluster, never some other cluster running on this machine
-            num_cpus=num_cpus, namespace=c.namespace, include_dashboard=c.include_dashboard,
-            dashboard_host="127.0.0.1", object_store_memory=c.object_store_mb * 2**20,
-            resources=node_resources(plan) or None,  # cluster.node_resources on one machine
+            address="local", num_cpus=cluster.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
+            namespace=cluster.namespace, include_dashboard=cluster.include_dashboard, dashboard_host="127.0.0.1",
+            object_store_memory=cluster.object_store_mb * 2**20, resources=resources or None,
         )
         started = True
-    problems = check_fits(plan, ray.cluster_resources(), alive_nodes())
+    problems = [p for plan in plans for p in check_fits(plan, ray.cluster_resources(), alive_nodes())]
     if problems:
         if started:
             ray.shutdown()
-        raise RuntimeError("the resource plan does not fit the cluster:\n" + "\n".join(problems) +
-                           "\n" + format_plan(plan))
+        raise RuntimeError("the resource plan does not fit the cluster:\n" + "\n".join(problems) + "\n"
+                           + "\n".join(format_plan(p) for p in plans))
     return started
+
+
+def run_dir(configured: str) -> Path:
+    """The one place a run directory is chosen (every entry point): ``configured`` (e.g.
+    ``trainer.output_dir``), else Hydra's output dir (``hydra.sweep.dir/<job num>`` under ``-m``),
+    else ``outputs/run``. In a multirun an explicit directory gets the job number appended, so
+    that the jobs of a sweep do not share one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if configured:
+        multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+        return Path(configured) / (str(hydra_cfg.job.num) if multirun else "")
+    return Path(hydra_cfg.runtime.output_dir) if hydra_cfg is not None else Path("outputs/run")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by the user's input (config, data, model directories, checkpoints): their
+    message says what to fix, so an entry point prints it instead of a traceback."""
+    from rlhf_ray.checkpoint import CheckpointMismatchError
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.data.datasets import DataError
+    from rlhf_ray.models.load import ModelDirError
+
+    return ConfigError, DataError, ModelDirError, CheckpointMismatchError
+
+
+def reports_user_errors(main: Callable) -> Callable:
+    """Decorator of an entry point's ``main``: a user error prints ``error: <message>`` (one line
+    per problem, each naming its key or file:line) on stderr and exits with status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except user_errors() as e:
+            from rlhf_ray.config import ConfigError
+
+            lines = e.errors if isinstance(e, ConfigError) else str(e).splitlines()
+            print("\n".join(f"error: {line}" for line in lines), file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
 
 
 def node_resources(plan: list[RolePlan]) -> dict[str, float]:
@@ -103,7 +158,7 @@ def dry_run(cfg: Config) -> str:
         return format_plan(plan) + "\n(no cluster.address / RAY_ADDRESS: not checked against a cluster)"
     joined = not ray.is_initialized()
     if joined:
-        ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=False)
+        connect(cfg.cluster)  # joins cluster.address / RAY_ADDRESS; no plan given, so nothing is checked yet
     try:
         nodes, total = alive_nodes(), ray.cluster_resources()
     finally:
@@ -126,6 +181,8 @@ class Groups:
     reference: ReferenceGroup
     policy: PolicyGroup
     critic: CriticGroup | None
+    init_seconds: dict[str, float] = field(default_factory=dict)
+    """each role's seconds from spawn until it served calls (all roles start at once)"""
 
     def all(self) -> list:
         return [g for g in (self.rollout, self.reward, self.reference, self.policy, self.critic) if g]
@@ -139,12 +196,18 @@ def worker_env(cfg: Config) -> dict[str, str]:
     threads = str(cfg.cluster.threads_per_worker)
     env = {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false", **fault_env()}
     if cfg.cluster.device == "cpu":
-        env.update(DS_ACCELERATOR="cpu", VLLM_CPU_OMP_THREADS_BIND="nobind")
+        # PASSIVE: OpenMP threads sleep instead of spinning at barriers. On a machine shared with
+        # other processes a spinning team waits on a descheduled member at every op; measured
+        # here (2.4M model, load ~6, 2 threads): 1,790 ms/step spinning, 259 ms passive, 245 ms
+        # on 1 thread. An explicit OMP_WAIT_POLICY in the driver's environment wins.
+        env.update(DS_ACCELERATOR="cpu", VLLM_CPU_OMP_THREADS_BIND="nobind",
+                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     return env
 
 
 def build_groups(cfg: Config, assets: Assets) -> Groups:
-    """Spawn every role's workers (constructors run in parallel), then wire the DeepSpeed worlds."""
+    """Spawn every role's workers and start them all at once: placement, constructors and the
+    DeepSpeed worlds of every role overlap (each group waits for its own in a thread)."""
     from rlhf_ray.workers.critic import CriticWorker
     from rlhf_ray.workers.policy import PolicyWorker
     from rlhf_ray.workers.reference import ReferenceWorker
@@ -192,10 +255,11 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
         critic = CriticGroup(plan["critic"], CriticWorker, learner_kwargs(
             cfg.critic, assets.critic_path, dict(algo=cfg.algo)), **common)
     groups = Groups(rollout, reward, reference, policy, critic)
-    for g in groups.all():
-        g.ready()
-    policy.init_world()
-    if critic:
-        critic.init_world()
-    log.info("worker groups ready:\n%s", format_plan(list(plan.values())))
+    try:
+        groups.init_seconds = start_all(groups.all())
+    except BaseException:
+        groups.shutdown()
+        raise
+    log.info("worker groups ready (seconds from spawn: %s):\n%s",
+             ", ".join(f"{k} {v:.1f}" for k, v in groups.init_seconds.items()), format_plan(list(plan.values())))
     return groups

@@ -16,7 +16,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_ray.stage import output_dir, task_file, train_supervised, validate_supervised
+from rlhf_ray.runtime import reports_user_errors, run_dir
+from rlhf_ray.stage import task_file, train_supervised, validate_supervised
 from rlhf_ray.stage_config import SFTConfig, register_configs
 
 log = logging.getLogger("rlhf_ray.sft")
@@ -57,10 +58,11 @@ def run(cfg: SFTConfig, run_dir: Path) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
+@reports_user_errors
 def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = validate_supervised(OmegaConf.to_object(dcfg))
-    run(cfg, output_dir(cfg.output_dir))
+    run(cfg, run_dir(cfg.output_dir))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the offline stages share: SFT and reward-model training (a DeepSpeed group trained for
-epochs over a fixed data set, :func:`train_supervised`) and evaluation (a Ray cluster, the
-built-in task's files, a run directory).
+epochs over a fixed data set, :func:`train_supervised`) and evaluation (the built-in task's
+files, JSON outputs). Joining Ray and choosing the run directory are ``rlhf_ray.runtime``'s, as
+for RL training.
 
 A stage module (``rlhf_ray.sft``, ``rlhf_ray.reward_model``) brings only what is its own: how its
 rows are loaded and encoded, which worker class trains on them, and what its held-out metrics are.
@@ -9,7 +10,6 @@ rows are loaded and encoded, which worker class trains on them, and what its hel
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Callable
@@ -48,12 +48,16 @@ def worker_env(cluster: ClusterConfig) -> dict[str, str]:
     return env_of(Config(cluster=cluster))
 
 
+def supervised_plan(role: str, cfg: LearnerConfig, cluster: ClusterConfig) -> RolePlan:
+    """The resources of a supervised stage: one bundle per rank."""
+    return RolePlan(role, cfg.num_ranks, cluster.cpus_per_worker, 1 if cluster.device == "cuda" else 0,
+                    cluster.placement_strategy)
+
+
 def start_group(role: str, worker_cls: type, cfg: LearnerConfig, cluster: ClusterConfig, model_path: str, *,
                 dtype: str, seed: int, total_optimizer_steps: int, trust_remote_code: bool) -> SupervisedGroup:
     """Spawn the ranks of a supervised stage and wire their DeepSpeed world."""
-    plan = RolePlan(role, cfg.num_ranks, cluster.cpus_per_worker, 1 if cluster.device == "cuda" else 0,
-                    cluster.placement_strategy)
-    group = SupervisedGroup(plan, worker_cls, lambda i, name: dict(
+    group = SupervisedGroup(supervised_plan(role, cfg, cluster), worker_cls, lambda i, name: dict(
         name=name, rank=i, world_size=cfg.num_ranks, cfg=cfg, model_path=model_path, device=cluster.device,
         dtype=dtype, seed=seed, threads=cluster.threads_per_worker, gradient_accumulation_steps=1,
         total_optimizer_steps=total_optimizer_steps, trust_remote_code=trust_remote_code,
@@ -119,21 +123,6 @@ def task_file(data_seed: int, cache_dir: str, name: str) -> str:
     return str(ensure_task_data(Path(cache_dir).absolute() / f"task-data-s{data_seed}", seed=data_seed)[name])
 
 
-def ensure_ray(cluster: ClusterConfig, cpus_needed: float) -> bool:
-    """Join ``cluster.address`` / RAY_ADDRESS or start a local cluster; True if this call started
-    (and so must stop) it. A cluster that is already connected is used as it is."""
-    if ray.is_initialized():
-        return False
-    address = cluster.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, namespace=cluster.namespace)
-        return False
-    ray.init(num_cpus=cluster.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
-             namespace=cluster.namespace, include_dashboard=cluster.include_dashboard,
-             dashboard_host="127.0.0.1", object_store_memory=cluster.object_store_mb * 2**20)
-    return True
-
-
 def save_tokenizer(model_path: str, out: Path, trust_remote_code: bool) -> None:
     from rlhf_ray.models import load_tokenizer
 
@@ -160,16 +149,18 @@ def train_supervised(cfg, run_dir: Path, *, role: str, worker_cls: type,
     ``load(cfg, tokenizer) -> (train, held_out)`` batches, a group of ``worker_cls`` ranks,
     held-out metrics before training and after every epoch, and the trained model saved with the
     tokenizer at ``run_dir/model``. Returns the summary (also ``run_dir/summary.json``)."""
-    from rlhf_ray.models import load_tokenizer
+    from rlhf_ray.models import check_model_dir, load_tokenizer
+    from rlhf_ray.runtime import connect
 
     validate_supervised(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", redacted(asdict(cfg)))
     base = base_model_path(cfg.model, cfg.seed)
+    check_model_dir(base, "model.policy_path", tokenizer=True)
     tokenizer = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load(cfg, tokenizer)
     random.seed(cfg.seed)
-    started = ensure_ray(cfg.cluster, cfg.learner.num_ranks * cfg.cluster.cpus_per_worker)
+    started = connect(cfg.cluster, [supervised_plan(role, cfg.learner, cfg.cluster)])
     start = time.perf_counter()
     group = start_group(role, worker_cls, cfg.learner, cfg.cluster, base, dtype=cfg.model.dtype, seed=cfg.seed,
                         total_optimizer_steps=cfg.epochs * steps_per_epoch(len(train), cfg.learner),
@@ -191,11 +182,3 @@ def train_supervised(cfg, run_dir: Path, *, role: str, worker_cls: type,
                **evaluations[-1]}
     write_json(run_dir / "summary.json", summary)
     return summary
-
-
-def output_dir(configured: str) -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    if configured:
-        return Path(configured)
-    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs/run")

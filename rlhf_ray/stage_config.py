@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from rlhf_ray import config as rl_config
-from rlhf_ray.config import ClusterConfig, Config, LearnerConfig, ModelConfig, RolloutConfig, check_learner
+from rlhf_ray.config import (
+    ClusterConfig,
+    Config,
+    LearnerConfig,
+    ModelConfig,
+    RolloutConfig,
+    check_learner,
+    resolve_learner,
+)
+from rlhf_ray.topology import auto_workers
 
 
 @dataclass
@@ -30,12 +39,14 @@ class SupervisedDataConfig:
     """seed of the built-in task's data"""
 
 
+# Micro-batches are rows per rank per step: with the auto topology (one rank below 16 cores)
+# these are the 32 demonstrations / 16 rankings per optimizer step of the earlier 2 ranks x 16 / 8.
 def _sft_learner() -> LearnerConfig:
-    return LearnerConfig(lr=1e-3, micro_batch_size=16, warmup_steps=20, lr_schedule="cosine")
+    return LearnerConfig(lr=1e-3, micro_batch_size=32, warmup_steps=20, lr_schedule="cosine")
 
 
 def _reward_model_learner() -> LearnerConfig:
-    return LearnerConfig(lr=3e-4, micro_batch_size=8, warmup_steps=20, lr_schedule="cosine")
+    return LearnerConfig(lr=3e-4, micro_batch_size=16, warmup_steps=20, lr_schedule="cosine")
 
 
 @dataclass
@@ -52,7 +63,7 @@ class SFTConfig:
     """column holding the prompt"""
     response_key: str = "response"
     """column holding the demonstrated response (EOS is appended as a token)"""
-    epochs: int = 10
+    epochs: int = 6
     """passes over the training rows (held-out loss after each)"""
     steps_per_call: int = 25
     """optimizer steps per call to the learner group (granularity of progress and metrics)"""
@@ -62,6 +73,9 @@ class SFTConfig:
     """Ray cluster and worker resources"""
     output_dir: str = ""
     """run directory (the model goes to <output_dir>/model); empty = Hydra's run directory"""
+
+    def __post_init__(self) -> None:
+        self.learner = resolve_learner(self.learner, auto_workers(self.cluster.device))
 
 
 @dataclass
@@ -74,7 +88,7 @@ class RewardModelConfig:
     """model.policy_path = the causal LM the reward model starts from (empty = the tiny built-in)"""
     data: SupervisedDataConfig = field(default_factory=SupervisedDataConfig)
     """comparison files ({prompt, completions best -> worst} or {prompt, chosen, rejected} rows)"""
-    epochs: int = 3
+    epochs: int = 2
     """passes over the training rows (held-out pairwise accuracy after each)"""
     steps_per_call: int = 25
     """optimizer steps per call to the learner group (granularity of progress and metrics)"""
@@ -84,6 +98,9 @@ class RewardModelConfig:
     """Ray cluster and worker resources"""
     output_dir: str = ""
     """run directory (the model goes to <output_dir>/model); empty = Hydra's run directory"""
+
+    def __post_init__(self) -> None:
+        self.learner = resolve_learner(self.learner, auto_workers(self.cluster.device))
 
 
 def _eval_rollout() -> RolloutConfig:

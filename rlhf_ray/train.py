@@ -14,11 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_ray.config import Config, redacted, register_configs, validate
+from rlhf_ray.runtime import reports_user_errors, run_dir
 
 log = logging.getLogger("rlhf_ray")
 register_configs()
@@ -40,35 +39,31 @@ def compose_config(overrides: list[str]) -> Config:
         return to_config(compose(config_name="config", overrides=overrides))
 
 
-def run_dir_of(cfg: Config) -> Path:
-    """``trainer.output_dir``, else Hydra's output dir (``hydra.sweep.dir/<job num>`` under ``-m``).
-    In a multirun, an explicit ``trainer.output_dir`` gets the job number appended."""
-    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    if cfg.trainer.output_dir:
-        multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
-        return Path(cfg.trainer.output_dir) / (str(hydra_cfg.job.num) if multirun else "")
-    return Path(hydra_cfg.runtime.output_dir) if hydra_cfg is not None else Path("outputs/run")
-
-
-def check_assets(cfg: Config, assets, tokenizer) -> None:
-    """Before any worker starts: the tokenizer must fit every model it will feed."""
+def check_assets(cfg: Config, assets):
+    """Before any worker starts: every model path holds a model, and the policy's tokenizer
+    fits every model it will feed (errors name the config key and the path)."""
     from transformers import AutoConfig
 
-    from rlhf_ray.models import check_tokenizer_matches_model
+    from rlhf_ray.models import check_model_dir, check_tokenizer_matches_model, load_tokenizer
 
-    roles = {"policy": assets.policy_path, "reference": assets.reference_path}
+    roles = {"model.policy_path": assets.policy_path, "model.reference_path": assets.reference_path}
     if cfg.algo.needs_critic:
-        roles["critic"] = assets.critic_path
-    for role, path in roles.items():
+        roles["model.critic_path"] = assets.critic_path
+    for key, path in roles.items():
+        check_model_dir(path, key, tokenizer=key == "model.policy_path")
+    if cfg.reward.kind == "model":
+        check_model_dir(cfg.reward.model_path, "reward.model_path")
+    tokenizer = load_tokenizer(assets.policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    for key, path in roles.items():
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-        check_tokenizer_matches_model(tokenizer, model_config, where=role)
+        check_tokenizer_matches_model(tokenizer, model_config, where=key.split(".")[1].removesuffix("_path"))
+    return tokenizer
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
     import ray
 
     from rlhf_ray.data import DataError, load_prompt_dataset, tokenize_prompts_with_index
-    from rlhf_ray.models import load_tokenizer
     from rlhf_ray.placement import format_plan, resource_plan
     from rlhf_ray.runtime import connect, resolve_assets
 
@@ -76,8 +71,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     (run_dir / "config.json").write_text(json.dumps(redacted(asdict(cfg)), indent=2) + "\n")
     plan = resource_plan(cfg)
     assets = resolve_assets(cfg)
-    tokenizer = load_tokenizer(assets.policy_path, trust_remote_code=cfg.model.trust_remote_code)
-    check_assets(cfg, assets, tokenizer)
+    tokenizer = check_assets(cfg, assets)
     prompts = list(load_prompt_dataset(assets.train_prompts, prompt_key=cfg.data.prompt_key)["prompt"])
     eval_prompts = list(load_prompt_dataset(assets.eval_prompts, prompt_key=cfg.data.prompt_key)["prompt"])
     prompt_ids, kept = tokenize_prompts_with_index(tokenizer, prompts, cfg.data.max_prompt_len,
@@ -89,7 +83,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         log.warning("%d of %d prompts skipped as longer than data.max_prompt_len", len(prompts) - len(kept),
                     len(prompts))
     prompts = [prompts[i] for i in kept]
-    started = connect(cfg, plan)
+    started = connect(cfg.cluster, plan)
     log.info("resource plan:\n%s", format_plan(plan))
     try:
         summary = fit_with_restarts(cfg, assets, tokenizer, (prompts, prompt_ids), eval_prompts, run_dir)
@@ -124,6 +118,7 @@ def fit_with_restarts(cfg: Config, assets, tokenizer, prompts: tuple[list[str], 
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@reports_user_errors
 def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = to_config(dcfg)
@@ -131,9 +126,9 @@ def main(dcfg: DictConfig) -> None:
         from rlhf_ray.runtime import dry_run
 
         print(dry_run(cfg))
-        print(f"run directory: {run_dir_of(cfg)}")
+        print(f"run directory: {run_dir(cfg.trainer.output_dir)}")
         return
-    run(cfg, run_dir_of(cfg))
+    run(cfg, run_dir(cfg.trainer.output_dir))
 
 
 if __name__ == "__main__":

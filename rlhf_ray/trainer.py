@@ -37,6 +37,13 @@ from rlhf_ray.sync.coordinator import WeightSync
 log = logging.getLogger(__name__)
 
 
+def seconds_since_launch() -> float:
+    """Seconds since this process started (the driver's launch)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 class TrainingAborted(RuntimeError):
     """A numerical guard stopped the run (KL ceiling, repeated non-finite updates)."""
 
@@ -71,6 +78,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         self.maybe_resume()
+        self.startup = {f"{role}_init_s": s for role, s in self.g.init_seconds.items()}
+        self.startup["to_first_step_s"] = seconds_since_launch()
+        log.info("start-up: %s", ", ".join(f"{k} {v:.1f}" for k, v in self.startup.items()))
         wandb = redacted(asdict(self.cfg)) if self.cfg.trainer.wandb else None
         logger = MetricsLogger(self.run_dir, self.cfg.trainer.total_steps, self.step_index, wandb_config=wandb)
         history: list[dict] = []
@@ -81,6 +91,9 @@ class Trainer:
                     metrics = self.step()
                     if self.feedback is not None:
                         metrics.update(self.feedback.after_step(self.step_index, self.weight_version))
+                    k = self.cfg.trainer.eval_every  # held-out gold/proxy, logged as eval/* in this step's row
+                    if k and self.eval_prompts and self.step_index % k == 0:
+                        metrics.update(self.evaluate(self.eval_prompts))
                     logger.log(self.step_index, metrics)
                     history.append(metrics)
                     self._guards(metrics)
@@ -97,7 +110,8 @@ class Trainer:
         if self.step_index < self.cfg.trainer.total_steps:  # stopped early: checkpoint, no final model
             if not ckpt.is_complete(ckpt.step_dir(self.checkpoint_root, self.step_index)):
                 self.save_checkpoint()
-            return {"steps": self.step_index, "stopped": True, "weight_version": self.weight_version}
+            return {"steps": self.step_index, "stopped": True, "weight_version": self.weight_version,
+                    "startup": self.startup}
         return self.finish(history)
 
     def step(self) -> dict[str, float]:
@@ -145,6 +159,7 @@ class Trainer:
         m.update(adv_metrics, **t)
         m.update({
             "rollout/samples": float(len(samples)), "rollout/tokens": tokens,
+            "rollout/prompt_tokens": float(sum(len(s.prompt_ids) for s in samples)),
             "rollout/tokens_per_s": tokens / max(t["timing/rollout"], 1e-9),
             "rollout/behavior_logprob_diff": self._rollout_vs_learner(exp),
             "timing/step": time.perf_counter() - start,
@@ -285,7 +300,7 @@ class Trainer:
         self.g.policy.save_hf(str(final))
         self.tokenizer.save_pretrained(str(final))
         summary = {"steps": self.step_index, "weight_version": self.weight_version,
-                   "engine_versions": self.sync.engine_versions, "final_model": str(final)}
+                   "engine_versions": self.sync.engine_versions, "final_model": str(final), "startup": self.startup}
         if history:
             summary["last"] = history[-1]
         if self.eval_prompts:

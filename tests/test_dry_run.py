@@ -24,7 +24,8 @@ def train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_node_resources_pin_roles_to_node_types():
-    plan = {r.role: r for r in resource_plan(compose(["cluster.node_resources=true", "algo=ppo"]))}
+    plan = {r.role: r for r in resource_plan(compose(["cluster.node_resources=true", "algo=ppo", "rollout.num_engines=2",
+                                                      "policy.num_ranks=2", "critic.num_ranks=2"]))}
     assert plan["rollout"].bundle() == {"CPU": 1.0, "rollout_node": 1.0}
     for role in ("policy", "critic", "reference", "reward"):
         assert plan[role].bundle()["learner_node"] == 1.0
@@ -56,13 +57,14 @@ def test_check_fits_totals_and_per_node():
 
 
 def test_format_plan_shows_bundles_and_strategy():
-    text = format_plan(resource_plan(compose(["cluster.node_resources=true", "cluster.placement_strategy=SPREAD"])))
+    text = format_plan(resource_plan(compose(["cluster.node_resources=true", "cluster.placement_strategy=SPREAD",
+                                              "rollout.num_engines=2", "policy.num_ranks=2", "critic.num_ranks=2"])))
     assert "2 x {CPU: 1, rollout_node: 1}" in text and "SPREAD" in text
     assert text.splitlines()[-1].endswith("rollout_node: 2, learner_node: 6")
 
 
 def test_dry_run_prints_plan_without_cluster(tmp_path):
-    out = train_cli("dry_run=true", "cluster.node_resources=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=REPO)
+    out = train_cli("dry_run=true", "cluster.node_resources=true", "rollout.num_engines=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rollout          2" in out.stdout and "learner_node: 1" in out.stdout
     assert "not checked against a cluster" in out.stdout

@@ -7,16 +7,8 @@ import math
 
 import pytest
 
-from rlhf_ray.evaluate import (
-    format_table,
-    mean_se,
-    plot_curves,
-    policy_names,
-    read_metrics,
-    rolling_mean,
-    score_texts,
-    table_rows,
-)
+from rlhf_ray.eval_report import format_table, mean_se, plot_curves, read_metrics, rolling_mean, table_rows
+from rlhf_ray.evaluate import policy_names, score_texts
 from rlhf_ray.stage_config import EvalConfig
 
 

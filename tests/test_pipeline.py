@@ -35,7 +35,9 @@ def test_stages_are_wired_output_to_input(tmp_path):
     assert s.eval.rollout.temperature == s.ppo.rollout.temperature
     assert s.eval.metrics_file == str(tmp_path / "ppo" / "metrics.jsonl")
     assert s.sft.cluster == s.ppo.cluster == s.eval.cluster
-    assert cpus_needed(s) == 8  # the PPO stage's plan is the largest
+    # the PPO stage's plan is the largest: engines + reward + reference + policy and critic ranks
+    p = s.ppo
+    assert cpus_needed(s) == p.rollout.num_engines + 2 + p.policy.num_ranks + p.critic.num_ranks
 
 
 def test_rule_reward_is_one_choice_away(tmp_path):

@@ -95,7 +95,7 @@ def _rows(
 def _write_jsonl_atomic(path: Path, rows: Iterator[dict[str, object]]) -> None:
     # Write then rename, so an interrupted run never leaves a partial file that
     # ensure_task_data would later take as complete.
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # runs sharing a cache may write at once
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

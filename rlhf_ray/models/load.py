@@ -7,7 +7,8 @@ directory) load through the same functions:
 * :func:`load_causal_lm`: policy / reference;
 * :func:`load_value_model`: critic, a token classifier with one output per token;
 * :func:`load_reward_model`: a sequence classifier scored at the last non-pad token;
-* :func:`check_tokenizer_matches_model`: fail early on a tokenizer/model mismatch.
+* :func:`check_tokenizer_matches_model`: fail early on a tokenizer/model mismatch;
+* :func:`check_model_dir`: fail early, naming the path, when a directory holds no model.
 
 Safety rules (users rely on them): weights are read from safetensors only
 (``use_safetensors=True``, so a pickle ``.bin`` is never unpickled) and
@@ -37,6 +38,41 @@ PathLike = str | os.PathLike[str]
 Dtype = torch.dtype | str
 
 
+class ModelDirError(ValueError):
+    """A model path that holds no usable model; the message names the path and what is missing."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(path: PathLike, role: str, *, tokenizer: bool = False) -> None:
+    """Fail with :class:`ModelDirError` naming ``role`` and ``path`` when a local path is not a
+    model directory: missing, a file, or without ``config.json`` / safetensors weights (and
+    tokenizer files when ``tokenizer``). A name that is not a local path (``org/name``) is left
+    to Hugging Face. Called before any worker starts, so that the error is this one and not a
+    tokenizer converter's or a worker's."""
+    text, p = str(path), Path(path)
+    if not p.exists():
+        if p.is_absolute() or text.startswith(("./", "../", "~")) or text.count("/") != 1:
+            raise ModelDirError(f"{role}: {text}: no such model directory")
+        return  # a Hugging Face hub name
+    if not p.is_dir():
+        raise ModelDirError(f"{role}: {text} is a file; expected a model directory (config.json + *.safetensors)")
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if not any(p.glob("*.safetensors")):
+        pickles = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        missing.append("*.safetensors weights" + (f" (found {pickles}: pickle weights are not loaded; "
+                                                  "convert them to safetensors)" if pickles else ""))
+    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer files (" + ", ".join(TOKENIZER_FILES) + ")")
+    if len(missing) >= 2 and "config.json" in missing:
+        raise ModelDirError(f"{role}: {text} holds no model (no {', no '.join(missing)})")
+    if missing:
+        raise ModelDirError(f"{role}: {text} is not a complete model directory: no {', no '.join(missing)}")
+
+
 def _require_safetensors(path: PathLike) -> None:
     """Clear error for a local directory that only has pickle weights (we never load those)."""
     p = Path(path)
@@ -45,7 +81,7 @@ def _require_safetensors(path: PathLike) -> None:
         hint = (
             f" (found {found}: pickle weights are not loaded; convert them to safetensors)" if found else ""
         )
-        raise ValueError(f"{p}: no .safetensors weights{hint}")
+        raise ModelDirError(f"{p}: no .safetensors weights{hint}")
 
 
 def load_tokenizer(path: PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -178,4 +214,4 @@ def check_tokenizer_matches_model(
         elif not 0 <= value < rows:
             problems.append(f"tokenizer {label}={value} is outside the model's {rows} embedding rows")
     if problems:
-        raise ValueError(f"{where}: {names} do not match: " + "; ".join(problems))
+        raise ModelDirError(f"{where}: {names} do not match: " + "; ".join(problems))

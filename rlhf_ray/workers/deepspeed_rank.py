@@ -78,6 +78,22 @@ def deepspeed_config(cfg: LearnerConfig, gradient_accumulation_steps: int, dtype
     }
 
 
+def skip_shm_comm_op() -> None:
+    """Keep ``deepspeed.init_distributed`` from JIT-building its CPU shared-memory comm op.
+
+    DeepSpeed's torch backend builds ``deepspeed_shm_comm`` (g++, into the torch extensions
+    cache) on every CPU start, under a ``lock`` file in that cache; a run killed mid-build leaves
+    the lock, and every later run then waits in torch's ``FileBaton.wait`` forever. The op only
+    serves ``inference_all_reduce`` (DeepSpeed's tensor-parallel inference), which nothing here
+    calls: training collectives go through torch.distributed (gloo/NCCL). DeepSpeed asks
+    ``deepspeed.ops.__compatible_ops__`` (probed once per process, kept as a dict whose edits
+    persist) before building, so marking the op incompatible skips the build and the lock.
+    On GPU the accelerator has no such op and this changes nothing."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedRank:
     """Subclasses provide ``build_model``; the group calls ``address`` on rank 0, then ``init``
     on every rank at once."""
@@ -122,6 +138,7 @@ class DeepSpeedRank:
         backend = "nccl" if self.device_kind == "cuda" else "gloo"
         store = self._world_store if self.rank == 0 else join_store(master_addr, master_port, self.world_size)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+        skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend)  # adopts the default group above
         self.device = device_for(self.device_kind)
         model = self.build_model().to(self.device)

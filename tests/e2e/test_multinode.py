@@ -134,10 +134,12 @@ def test_roles_land_on_their_node_types(tmp_path, cache_dir):
 
 
 
-def test_local_multinode_script_with_token_auth(tmp_path):
+@pytest.mark.timeout(1200)
+def test_local_multinode_script_with_token_auth(tmp_path, cache_dir):
     """cluster/local_multinode.sh: a head, a rollout node and a learner node on loopback with
     token auth; dry_run validates the node-resource plan against it; requests without the token
-    are refused; stop leaves no process of that cluster behind."""
+    are refused; two jobs submitted in a row with deploy/submit.sh (the README's flow) both
+    finish; stop leaves no process of that cluster behind."""
     script = REPO / "cluster" / "local_multinode.sh"
     local_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: unix socket paths
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -164,6 +166,22 @@ def test_local_multinode_script_with_token_auth(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(cluster_env["RAY_API_SERVER_ADDRESS"] + "/api/jobs/", timeout=10)
         assert denied.value.code in (401, 403)
+        # Two jobs in a row. When every node shared one Ray temp dir, each node's runtime-env agent
+        # unpacked the uploaded working_dir into the same directory while the driver imported
+        # from it, and the first job died with a ModuleNotFoundError; now each node has its own.
+        for i in (1, 2):
+            out = tmp_path / f"job{i}"
+            job = subprocess.run(
+                ["bash", str(REPO / "deploy" / "submit.sh"), *OVERRIDES, f"trainer.output_dir={out}",
+                 f"model.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / f'hydra{i}'}"],
+                env=cluster_env, cwd=REPO, capture_output=True, text=True, timeout=540)
+            logs = job.stdout + job.stderr
+            assert job.returncode == 0 and "run finished" in logs, f"job {i}:\n{logs[-6000:]}"
+            assert "Started a local Ray instance" not in logs
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["steps"] == 1 and summary["engine_versions"] == {"rollout-0": 1}, summary
+        # one Ray temp dir per node: head, rollout node 0, learner node 0
+        assert sorted(p.parent.name for p in Path(local_dir).glob("*/session_latest")) == ["h", "l0", "r0"]
     finally:
         stop = subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, text=True, timeout=120)
         left = kill_by_temp_dir(local_dir)

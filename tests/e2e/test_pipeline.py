@@ -4,6 +4,8 @@ model, PPO against it and the evaluation, with a very small model."""
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +35,20 @@ def test_pipeline_sft_reward_model_ppo_evaluate(ray_cluster, tmp_path, cache_dir
         assert (out / o[key] / "tokenizer.json").exists(), key
     assert json.loads((out / "reward_model" / "model" / "config.json").read_text())["architectures"] == [
         "LlamaForSequenceClassification"]
-    # each stage reported its held-out numbers
-    assert summary["sft"]["eval/loss"] > 0 and 0 <= summary["reward_model"]["eval/accuracy"] <= 1
+    # each stage's held-out numbers, against counts taken from the data files themselves: SFT
+    # scores every response character plus EOS of the first 16 held-out rows (one token per
+    # character), the reward model every ranked pair of its first 16 rows; training lowered the loss
+    data = Path(cache_dir) / "task-data-s0"
+    sft_rows = [json.loads(line) for line in (data / "sft_eval.jsonl").read_text().splitlines()[:16]]
+    sft = summary["sft"]
+    assert sft["eval/tokens"] == sum(len(r["response"]) + 1 for r in sft_rows)
+    assert sft["eval/loss"] < sft["eval/loss_before"]
+    assert sft["eval/perplexity"] == pytest.approx(math.exp(sft["eval/loss"]), rel=1e-5)
+    rm_rows = [json.loads(line) for line in (data / "comparisons_eval.jsonl").read_text().splitlines()[:16]]
+    rm = summary["reward_model"]
+    assert rm["eval/pairs"] == sum(math.comb(len(r["completions"]), 2) for r in rm_rows)
+    correct = rm["eval/accuracy"] * rm["eval/pairs"]
+    assert correct == pytest.approx(round(correct), abs=1e-3)  # a whole number of pairs ordered right
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("reward/gold" in r for r in rows)
     # the comparison: both policies, both decodings, gold + reward model + KL to the SFT policy

@@ -35,9 +35,11 @@ def train(tmp_path: Path, cache_dir: Path, overrides: list[str]) -> tuple[dict, 
     return summary, read_metrics(tmp_path)
 
 
-def test_ppo_default_topology(ray_cluster, tmp_path, cache_dir):
-    """2 engines, 2 ZeRO-2 policy ranks, 2 critic ranks, a reference and a reward worker."""
-    summary, rows = train(tmp_path, cache_dir, ["trainer.total_steps=3"])
+def test_ppo_two_of_each(ray_cluster, tmp_path, cache_dir):
+    """2 engines, 2 ZeRO-2 policy ranks, 2 critic ranks, a reference and a reward worker (the
+    default on a machine of 16+ cores; set here so every multi-worker path runs)."""
+    summary, rows = train(tmp_path, cache_dir, ["trainer.total_steps=3", "rollout.num_engines=2", "policy.num_ranks=2",
+                                                "critic.num_ranks=2", "cluster.threads_per_worker=1"])
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         missing = [k for k in REQUIRED + ["critic/loss"] if r.get(k) is None]

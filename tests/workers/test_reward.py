@@ -59,8 +59,12 @@ def server():
 
 def test_function_reward_is_the_task_rule():
     w = RewardWorker("reward-0", RewardConfig())
-    out = w.score(["rev abc="], ["cba"])
-    assert out == {"reward": [1.0], "gold": [1.0]}
+    # reference answers "cba" and "dcba"; per-position matches / max(len(reference), len(completion)):
+    # "cba" 3/3, "abc" only the middle 1/3, "dcxa" 3/4, "dcbaZZ" 4/6, "" 0
+    prompts = ["rev abc=", "rev abc=", "rev abcd=", "rev abcd=", "rev abcd="]
+    out = w.score(prompts, ["cba", "abc", "dcxa", "dcbaZZ", ""])
+    expected = [1.0, 1 / 3, 0.75, 4 / 6, 0.0]
+    assert out["reward"] == pytest.approx(expected) and out["gold"] == pytest.approx(expected)
 
 
 def test_http_reward_with_token_and_retry(server, monkeypatch):
