@@ -340,6 +340,66 @@ class TrainerConfig:
     """also log metrics to Weights & Biases (needs `pip install wandb`; project from WANDB_PROJECT)"""
 
 
+def _feedback_learner() -> LearnerConfig:
+    return LearnerConfig(num_ranks=1, lr=1e-4, micro_batch_size=8)
+
+
+FEEDBACK_LABELERS = ("ai", "http", "people")
+
+
+@dataclass
+class FeedbackConfig:
+    """The human feedback loop (rlhf_ray/feedback): labels on the current policy's samples
+    retrain the reward model during RL. Needs reward.kind=model."""
+
+    enabled: bool = False
+    """run the loop (labeling rounds, reward-model retraining, hot swap into the reward workers)"""
+    every: int = 5
+    """steps between labeling rounds"""
+    prompts_per_round: int = 8
+    """prompts sent for labeling per round (each with k fresh completions)"""
+    k: int = 4
+    """completions per labeling task, ranked best to worst by the labeler"""
+    min_labels: int = 16
+    """new comparisons needed before the reward model is retrained"""
+    wait: bool = False
+    """after each round, block until its tasks are labeled or min_labels arrived (false: never wait)"""
+    wait_timeout_s: float = 600.0
+    """longest wait for labels when wait=true (a timeout is counted, training goes on)"""
+    labeler: str = "ai"
+    """ai (the built-in gold labeler) | http (an external labeling service / LLM judge) | people (the page/API only)"""
+    ai_noise: float = 0.0
+    """probability that the ai labeler returns a random ranking instead of the gold one"""
+    ai_latency_s: float = 0.0
+    """seconds the ai labeler takes per task (a stand-in for human speed)"""
+    labeler_url: str = ""
+    """endpoint of the http labeler: POST {prompt, completions} -> {ranking} (https, or http on loopback)"""
+    labeler_token_env: str = ""
+    """environment variable holding the http labeler's bearer token"""
+    labeler_timeout_s: float = 10.0
+    """per-request timeout of the http labeler"""
+    labeler_retries: int = 2
+    """attempts per task of the http labeler"""
+    host: str = "127.0.0.1"
+    """address the feedback service binds (non-loopback needs the token)"""
+    port: int = 0
+    """port of the feedback service (0 = any free port; the URL is logged)"""
+    token_env: str = "RLHF_FEEDBACK_TOKEN"
+    """environment variable holding the service's bearer token (required off loopback; used when set)"""
+    db_path: str = ""
+    """SQLite label database; empty = <run dir>/feedback/labels.db"""
+    task_ttl_s: float = 3600.0
+    """seconds a labeling task accepts a ranking"""
+    heldout_every: int = 5
+    """every n-th comparison is held out to validate new reward-model versions"""
+    rm_epochs: int = 2
+    """passes over all training comparisons per retraining (warm start from the current version)"""
+    min_accuracy_gain: float = 0.0
+    """a new version is swapped in only if its held-out pairwise accuracy >= the current one's + this"""
+    learner: LearnerConfig = field(default_factory=_feedback_learner)
+    """the reward model's DeepSpeed group (ranks, ZeRO stage, optimizer)"""
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -354,6 +414,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     dry_run: bool = False
     """print the resource plan, check it against the cluster, start no workers"""
 
@@ -418,7 +479,7 @@ def config_errors(cfg: Config) -> list[str]:
     """Every problem of ``cfg``, one ``dotted.key: message`` each (empty when valid): each
     section's own checks, then the checks that relate sections."""
     e = (_algo_errors(cfg.algo) + _rollout_errors(cfg.rollout) + _reward_errors(cfg.reward)
-         + _trainer_errors(cfg.trainer) + _misc_errors(cfg))
+         + _trainer_errors(cfg.trainer) + _misc_errors(cfg) + _feedback_errors(cfg))
     a, r = cfg.algo, cfg.rollout
     if a.name in ALGORITHMS and a.spec.group_baseline and r.n_samples_per_prompt < 2:
         e.append(f"rollout.n_samples_per_prompt: {a.name} needs >= 2 samples per prompt")
@@ -555,15 +616,53 @@ def _misc_errors(cfg: Config) -> list[str]:
 
 
 def _http_errors(rw: RewardConfig) -> list[str]:
+    return _url_errors("reward.url", rw.url, "reward.kind=http")
+
+
+def _url_errors(key: str, value: str, needed_for: str) -> list[str]:
     from urllib.parse import urlparse
 
-    url = urlparse(rw.url)
+    url = urlparse(value)
     if url.scheme not in ("http", "https") or not url.hostname:
-        return [f"reward.url: required for reward.kind=http and must be an http(s) URL, got {rw.url!r}"]
+        return [f"{key}: required for {needed_for} and must be an http(s) URL, got {value!r}"]
     loopback = url.hostname in ("localhost", "::1") or url.hostname.startswith("127.")
     if url.scheme == "http" and not loopback:
-        return [f"reward.url: plain http is allowed only on loopback; use https for {url.hostname}"]
+        return [f"{key}: plain http is allowed only on loopback; use https for {url.hostname}"]
     return []
+
+
+def _feedback_errors(cfg: Config) -> list[str]:
+    f = cfg.feedback
+    if not f.enabled:
+        return []
+    e = _one_of("feedback.labeler", f.labeler, FEEDBACK_LABELERS)
+    if cfg.reward.kind != "model":
+        e.append(f"feedback.enabled: the loop retrains a reward model; needs reward.kind=model, got {cfg.reward.kind!r}")
+    for key, least in (("every", 1), ("prompts_per_round", 1), ("k", 2), ("min_labels", 1), ("heldout_every", 2),
+                       ("rm_epochs", 1), ("labeler_retries", 1)):
+        if getattr(f, key) < least:
+            e.append(f"feedback.{key}: must be >= {least}, got {getattr(f, key)}")
+    for key in ("wait_timeout_s", "labeler_timeout_s", "task_ttl_s"):
+        if getattr(f, key) <= 0:
+            e.append(f"feedback.{key}: must be > 0, got {getattr(f, key)}")
+    if not 0.0 <= f.ai_noise <= 1.0:
+        e.append(f"feedback.ai_noise: must be in [0, 1], got {f.ai_noise}")
+    if f.ai_latency_s < 0:
+        e.append(f"feedback.ai_latency_s: must be >= 0, got {f.ai_latency_s}")
+    if not 0 <= f.port < 65536:
+        e.append(f"feedback.port: must be in 0..65535, got {f.port}")
+    if f.labeler == "http":
+        e += _url_errors("feedback.labeler_url", f.labeler_url, "feedback.labeler=http")
+    if f.k > 9:
+        e.append(f"feedback.k: at most 9 completions per task (the page ranks with keys 1..9), got {f.k}")
+    for key in ("output_dir", "checkpoint_dir"):  # the label database and RM state are local files
+        if "://" in getattr(cfg.trainer, key):
+            e.append(f"trainer.{key}: the feedback loop keeps its checkpoints on a local or shared disk, "
+                     f"not at a URI ({getattr(cfg.trainer, key)!r})")
+    lc = f.learner
+    if lc.num_ranks < 1 or lc.micro_batch_size < 1 or lc.lr <= 0 or lc.zero_stage not in (0, 1, 2, 3):
+        e.append("feedback.learner: needs num_ranks >= 1, micro_batch_size >= 1, lr > 0, zero_stage 0-3")
+    return e
 
 
 def validate(cfg: Config) -> Config:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 RAY_GAUGE_KEYS = (
     "step", "reward/mean", "reward/gold", "kl/mean", "policy/loss", "critic/loss",
     "rollout/weight_version", "rollout/tokens_per_s", "rollout/samples", "rollout/tokens",
-    "timing/step", "sync/seconds",
+    "timing/step", "sync/seconds", "reward/model_version", "reward_model/heldout_accuracy",
     # actor-learner (trainer.max_staleness): who is busy, how full the pipeline is, how old the data
     "rollout/busy_fraction", "learner/busy_fraction", "rollout/buffer_fill", "rollout/staleness_mean", "rollout/staleness_max", "rollout/dropped_samples",
 )

@@ -20,12 +20,13 @@ ROLE_NODE_RESOURCE = {
     "reference": "learner_node",
     "policy": "learner_node",
     "critic": "learner_node",
+    "reward_model": "learner_node",
 }
 
 
 @dataclass(frozen=True)
 class RolePlan:
-    role: str  # rollout | reward | reference | policy | critic
+    role: str  # rollout | reward | reference | policy | critic | reward_model (feedback loop)
     workers: int  # workers of this role (one bundle each)
     cpus: float  # logical CPUs per worker
     gpus: float  # GPUs per worker
@@ -55,6 +56,8 @@ def resource_plan(cfg: Config) -> list[RolePlan]:
         plan.insert(2, role("reference", 1, 1 if gpu else 0))
     if cfg.algo.needs_critic:
         plan.append(role("critic", cfg.critic.num_ranks, 1 if gpu else 0))
+    if cfg.feedback.enabled:  # the reward model's DeepSpeed group, retrained during the run
+        plan.append(role("reward_model", cfg.feedback.learner.num_ranks, 1 if gpu else 0))
     return plan
 
 

@@ -88,6 +88,11 @@ class Trainer:
         self.update_spans: deque[tuple[float, float]] = deque(maxlen=8)  # wall-clock learner updates
         self.busy_mark: tuple[float, list[float]] | None = None  # (time, each engine's busy seconds) last step
         self.stop_requested = False
+        self.feedback = None  # the human feedback loop (rlhf_ray/feedback), when feedback.enabled
+        if cfg.feedback.enabled:
+            from rlhf_ray.feedback.loop import FeedbackLoop
+
+            self.feedback = FeedbackLoop(cfg, groups, tokenizer, prompts, prompt_ids, self.run_dir)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -103,6 +108,8 @@ class Trainer:
             try:
                 while self.step_index < self.cfg.trainer.total_steps and len(history) < budget:
                     metrics = self.step()
+                    if self.feedback is not None:
+                        metrics.update(self.feedback.after_step(self.step_index, self.weight_version))
                     k = self.cfg.trainer.eval_every  # held-out gold/proxy, logged as eval/* in this step's row
                     if k and self.eval_prompts and self.step_index % k == 0:
                         metrics.update(self.evaluate(self.eval_prompts))
@@ -117,6 +124,8 @@ class Trainer:
                         break
             finally:
                 logger.close()
+                if self.feedback is not None:
+                    self.feedback.close()
         self._finish_push()  # the last in-flight push (max_staleness > 0): engines report it
         if self.step_index < self.cfg.trainer.total_steps:  # stopped early: checkpoint, no final model
             if not ckpt.is_complete(ckpt.step_dir(self.checkpoint_root, self.step_index)):
@@ -290,13 +299,16 @@ class Trainer:
                 "kl_controller": self.kl_ctl.state_dict(), "config_hash": config_hash(self.cfg),
                 "in_flight": self.stream.in_flight(),
                 "reward_moments": self.moments.state_dict() if self.moments else None,
-                "nonfinite_streak": self.nonfinite_streak}
+                "nonfinite_streak": self.nonfinite_streak,
+                "feedback": self.feedback.state_dict() if self.feedback is not None else None}
 
     def save_checkpoint(self) -> str:
         path = ckpt.step_dir(self.checkpoint_root, self.step_index)
         self.g.policy.save_checkpoint(storage.join(path, "policy"))  # every rank uploads its shard
         if self.g.critic is not None:
             self.g.critic.save_checkpoint(storage.join(path, "critic"))
+        if self.feedback is not None:  # a local checkpoint dir (config_errors refuses URIs with feedback)
+            self.feedback.save(Path(storage.join(path, "feedback")))
         ckpt.write_driver_state(path, self.state_dict())
         maybe_fail("driver", "checkpoint")
         ckpt.mark_complete(path, self.step_index)  # last: only now does the checkpoint count
@@ -323,6 +335,8 @@ class Trainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         if self.moments is not None and state["reward_moments"]:
             self.moments.load_state_dict(state["reward_moments"])
+        if self.feedback is not None and state.get("feedback"):
+            self.feedback.load(Path(storage.join(path, "feedback")), state["feedback"])
         self.sync.push(self.weight_version)  # engines start from the initial weights: re-send
         log.info("resumed from %s at step %d (weights v%d)", path, self.step_index, self.weight_version)
 

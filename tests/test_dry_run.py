@@ -29,7 +29,7 @@ def test_node_resources_pin_roles_to_node_types():
     assert plan["rollout"].bundle() == {"CPU": 1.0, "rollout_node": 1.0}
     for role in ("policy", "critic", "reference", "reward"):
         assert plan[role].bundle()["learner_node"] == 1.0
-    assert set(ROLE_NODE_RESOURCE) == set(plan)
+    assert set(ROLE_NODE_RESOURCE) == set(plan) | {"reward_model"}  # reward_model: with feedback.enabled
     totals = plan_totals(list(plan.values()))
     assert totals["rollout_node"] == 2 and totals["learner_node"] == 6 and totals["CPU"] == 8
     # off by default: bundles ask for CPU (and GPU) only

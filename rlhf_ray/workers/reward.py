@@ -5,7 +5,9 @@
 - ``function``: a Python rule or verifier given by import path ``module:callable``;
 - ``http``: a remote reward service (JSON in/out, bearer token from an environment variable).
 
-Whatever the kind, the result is checked to be one float per completion.
+Whatever the kind, the result is checked to be one float per completion. A ``model`` reward
+also carries the reward-model version that produced it: the feedback loop (rlhf_ray/feedback)
+swaps new versions into running workers with ``load_reward_model``, without a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -123,19 +126,35 @@ class RewardWorker:
     def __init__(self, name: str, cfg: RewardConfig, *, threads: int = 1, seed: int = 0,
                  trust_remote_code: bool = False):
         setup_process(threads, seed)
-        self.name, self.cfg = name, cfg
+        self.name, self.cfg, self.trust_remote_code = name, cfg, trust_remote_code
         self.scorer = build_scorer(cfg, trust_remote_code=trust_remote_code) if cfg.kind == "model" else build_scorer(cfg)
         self.gold = load_function(cfg.gold_function) if cfg.gold_function else None
+        self.model_version = 0  # reward-model version (0 = cfg.model_path; the feedback loop loads newer ones)
 
     def __repr__(self) -> str:
         return f"RewardWorker({self.name}, {self.cfg.kind})"
 
     def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
-        """``{"reward": [...]}`` plus ``"gold"`` when a gold labeler is configured."""
+        """``{"reward": [...]}`` plus ``"gold"`` when a gold labeler is configured and, for a
+        reward model, ``"model_version"``: the version that scored each completion."""
         source = f"{self.name} ({self.cfg.kind} reward)"
         out = {"reward": check_rewards(self.scorer(prompts, completions), len(prompts), source)}
+        if self.cfg.kind == "model":
+            out["model_version"] = [float(self.model_version)] * len(prompts)
         maybe_fail(self.name, "score")
         if self.gold is not None:
             gold = check_rewards(self.gold(prompts, completions), len(prompts), f"{self.name} (gold)")
             out["gold"] = [g if math.isfinite(g) else float("nan") for g in gold]
         return out
+
+    def load_reward_model(self, path: str, version: int) -> int:
+        """Score with the reward model at ``path`` from now on, as ``version`` (in place: the
+        worker keeps running; the old model is dropped once the new one has loaded)."""
+        if self.cfg.kind != "model":
+            raise ValueError(f"{self.name}: reward.kind={self.cfg.kind} has no reward model to replace")
+        self.scorer = ModelScorer(replace(self.cfg, model_path=path), trust_remote_code=self.trust_remote_code)
+        self.model_version = int(version)
+        return self.model_version
+
+    def reward_model_version(self) -> int:
+        return self.model_version

@@ -15,7 +15,8 @@ covers every assistant turn (its end-of-turn token included) and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from rlhf_ray.algo import ranking_loss, sft_loss
 from rlhf_ray.data.chat import ChatError, Messages, encode_conversation, render_prompt
 from rlhf_ray.data.datasets import DataError
+from rlhf_ray.faults import maybe_fail
 from rlhf_ray.models import load_causal_lm, load_reward_model
 from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
 
@@ -129,6 +131,33 @@ def encode_rankings(tokenizer, prompts: Sequence[str], rankings: Sequence[Sequen
     return RankingBatch(input_ids.view(len(prompts), k, -1), attention_mask.view(len(prompts), k, -1))
 
 
+def train_rows(rank: DeepSpeedRank, batch, loss_fn: Callable, steps: int) -> dict[str, float]:
+    """``steps`` optimizer steps of ``micro_batch_size`` shuffled rows each (the supervised
+    groups run with gradient_accumulation_steps=1). ``DeepSpeedRank.train_on`` is the RL
+    minibatch loop (response masks, loss normaliser) and does not fit these batches."""
+    maybe_fail(rank.name, "train")
+    rank.engine.train()
+    batch = batch.to(rank.device)
+    mb = rank.cfg.micro_batch_size
+    order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(rank.seed + rank.engine.global_steps))
+    sums: dict[str, float] = defaultdict(float)
+    skipped_before = rank.skipped_steps()
+    for i in range(steps):
+        loss, metrics = loss_fn(batch.select(order[i * mb : (i + 1) * mb].to(rank.device)))
+        rank.engine.backward(loss)
+        rank.engine.step()
+        sums["loss"] += float(loss.detach())
+        for k, v in metrics.items():
+            sums[k] += float(v)
+    out = {f"{rank.role}/{k}": v / max(steps, 1) for k, v in sums.items()}
+    out[f"{rank.role}/lr"] = rank.scheduler.get_last_lr()[0]
+    out[f"{rank.role}/nonfinite_steps"] = float(rank.skipped_steps() - skipped_before)
+    grad_norm = rank.engine.get_global_grad_norm()
+    if grad_norm is not None:
+        out[f"{rank.role}/grad_norm"] = float(grad_norm)
+    return out
+
+
 class SFTWorker(DeepSpeedRank):
     """One rank of SFT: ``train`` runs optimizer steps, ``evaluate`` returns loss sums."""
 
@@ -144,7 +173,7 @@ class SFTWorker(DeepSpeedRank):
 
     def train(self, batch: DemonstrationBatch, steps: int) -> dict[str, float]:
         """``steps`` optimizer steps over this rank's shard (``steps`` x micro_batch_size rows)."""
-        return self.train_on(batch, lambda b: (self._nll(b), {}), 1, steps)
+        return train_rows(self, batch, lambda b: (self._nll(b), {}), steps)
 
     @torch.no_grad()
     def evaluate(self, batch: DemonstrationBatch) -> dict[str, float]:
@@ -179,7 +208,7 @@ class RewardModelWorker(DeepSpeedRank):
 
     def train(self, batch: RankingBatch, steps: int) -> dict[str, float]:
         """``steps`` optimizer steps; metrics ``reward_model/loss``, ``reward_model/accuracy``."""
-        return self.train_on(batch, lambda b: ranking_loss(self._rewards(b)), 1, steps)
+        return train_rows(self, batch, lambda b: ranking_loss(self._rewards(b)), steps)
 
     @torch.no_grad()
     def evaluate(self, batch: RankingBatch) -> dict[str, float]:
