@@ -58,7 +58,8 @@ def run_setting(overrides: list[str], staleness: list[int], steps: int, cache: P
     """Build the groups once, then one Trainer per ``max_staleness`` on them."""
     import ray
 
-    from rlhf_ray.data import load_prompt_dataset, tokenize_prompts_with_index
+    from rlhf_ray.data import load_prompt_dataset, prompt_inputs, tokenize_prompts_with_index
+    from rlhf_ray.data.chat import render_prompt
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.placement import resource_plan
     from rlhf_ray.runtime import build_groups, connect, resolve_assets
@@ -72,10 +73,10 @@ def run_setting(overrides: list[str], staleness: list[int], steps: int, cache: P
     base = cfg_for(tempfile.mkdtemp(), 0)
     assets = resolve_assets(base)
     tokenizer = load_tokenizer(assets.policy_path)
-    prompts = list(load_prompt_dataset(assets.train_prompts)["prompt"])
+    prompts = prompt_inputs(load_prompt_dataset(assets.train_prompts))
     ids, kept = tokenize_prompts_with_index(tokenizer, prompts, base.data.max_prompt_len, "truncate")
-    prompts = [prompts[i] for i in kept]
-    started = connect(base, resource_plan(base))
+    prompts = [render_prompt(tokenizer, prompts[i]) for i in kept]  # the text rewards see, as train.py
+    started = connect(base.cluster, resource_plan(base))
     groups = build_groups(base, assets)
     results = []
     try:

@@ -60,8 +60,9 @@ class TrainingAborted(RuntimeError):
 class Trainer:
     def __init__(self, cfg: Config, groups: Groups, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
                  run_dir: Path, eval_prompts: list[PromptInput] | None = None):
-        """``prompts`` and their token ids (``prompt_ids[i]`` encodes ``prompts[i]``, already
-        within ``data.max_prompt_len``)."""
+        """``prompts``: the text each prompt stands for (what rewards see: raw text, or chat
+        messages rendered through the template, see ``data.chat.render_prompt``) and their token
+        ids (``prompt_ids[i]`` encodes ``prompts[i]``, already within ``data.max_prompt_len``)."""
         self.cfg, self.g, self.tokenizer, self.run_dir = cfg, groups, tokenizer, Path(run_dir)
         if not prompt_ids or len(prompts) != len(prompt_ids):
             raise DataError(f"{len(prompts)} prompts and {len(prompt_ids)} token lists: need as many, at least one")

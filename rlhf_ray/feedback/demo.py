@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from rlhf_ray import sft
     from rlhf_ray.config import ClusterConfig, ModelConfig
-    from rlhf_ray.stage import ensure_ray
+    from rlhf_ray.runtime import connect
     from rlhf_ray.stage_config import SFTConfig
 
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    started = ensure_ray(ClusterConfig(), 8)
+    started = connect(ClusterConfig(num_cpus=8))  # a new local cluster (or RAY_ADDRESS), as every entry point
     try:
         sft_model = out / "sft" / "model"
         if not (sft_model / "model.safetensors").exists():

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from rlhf_ray.data import load_prompt_dataset, tokenize_prompts_with_index
+from rlhf_ray.data import load_prompt_dataset, prompt_inputs, tokenize_prompts_with_index
+from rlhf_ray.data.chat import render_prompt
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.runtime import build_groups, resolve_assets
 from rlhf_ray.trainer import Trainer
@@ -41,9 +42,9 @@ def stack(ray_cluster, cache_dir, tmp_path_factory):
     cfg = config(tmp_path_factory.mktemp("build"), cache_dir, [])
     assets = resolve_assets(cfg)
     tokenizer = load_tokenizer(assets.policy_path)
-    prompts = list(load_prompt_dataset(assets.train_prompts)["prompt"])
+    prompts = prompt_inputs(load_prompt_dataset(assets.train_prompts))
     ids, kept = tokenize_prompts_with_index(tokenizer, prompts, cfg.data.max_prompt_len, "truncate")
-    prompts = [prompts[i] for i in kept]
+    prompts = [render_prompt(tokenizer, prompts[i]) for i in kept]  # the text rewards see, as train.py
     groups = build_groups(cfg, assets)
 
     def fit(extra: list[str], run_dir: Path) -> tuple[dict, list[dict], Trainer]:
