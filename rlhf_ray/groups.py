@@ -207,11 +207,11 @@ class PolicyGroup(DeepSpeedGroup):
         refs = [w.compute_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)]
         return self.pending(refs, "compute_logprobs", torch.cat)
 
-    def compute_ref_logprobs(self, exp: Experience) -> torch.Tensor:
+    def submit_ref_logprobs(self, exp: Experience) -> Pending:
         """Reference logprobs from the ranks with LoRA adapters disabled (LoRA runs only)."""
         shards = exp.split(len(self.workers))
-        return torch.cat(self.get([w.compute_ref_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)],
-                                  "compute_ref_logprobs"))
+        refs = [w.compute_ref_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)]
+        return self.pending(refs, "compute_ref_logprobs", torch.cat)
 
     def compute_logprobs_replicated(self, exp: Experience) -> torch.Tensor:
         """Every rank computes the same small batch (any size; ZeRO-3 needs all ranks)."""

@@ -186,8 +186,11 @@ class AdapterOffReference:
     def __repr__(self) -> str:
         return f"AdapterOffReference({self.policy!r})"
 
+    def submit_logprobs(self, exp):
+        return self.policy.submit_ref_logprobs(exp)
+
     def compute_logprobs(self, exp):
-        return self.policy.compute_ref_logprobs(exp)
+        return self.submit_logprobs(exp).result()
 
     def ready(self) -> None:
         """Nothing of its own to start (the policy group's ranks are waited for)."""
@@ -281,7 +284,7 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
             cfg.critic, assets.critic_path, dict(algo=cfg.algo)), **common)
     groups = Groups(rollout, reward, reference, policy, critic)
     try:
-        groups.init_seconds = start_all(groups.all())
+        groups.init_seconds = start_all([g for g in groups.all() if not isinstance(g, AdapterOffReference)])
     except BaseException:
         groups.shutdown()
         raise

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from rlhf_ray.data.generate import task_data_dir
 from rlhf_ray.pipeline import run
 from tests.e2e.exports import assert_causal_lm_export, assert_reward_model_export
 from tests.test_pipeline import pipeline_config
@@ -37,12 +37,12 @@ def test_pipeline_sft_reward_model_ppo_evaluate(ray_cluster, tmp_path, cache_dir
     assert json.loads((out / "reward_model" / "model" / "config.json").read_text())["architectures"] == [
         "LlamaForSequenceClassification"]
     # each stage's held-out numbers, against counts taken from the data files themselves: SFT
-    # scores every response character plus EOS of the first 16 held-out rows (one token per
-    # character), the reward model every ranked pair of its first 16 rows; training lowered the loss
-    data = Path(cache_dir) / "task-data-s0"
+    # scores every character of the assistant turn plus its end-of-turn token of the first 16
+    # held-out chat rows (one token per character), the reward model every ranked pair of its first 16 rows; training lowered the loss
+    data = task_data_dir(cache_dir, 0)
     sft_rows = [json.loads(line) for line in (data / "sft_eval.jsonl").read_text().splitlines()[:16]]
     sft = summary["sft"]
-    assert sft["eval/tokens"] == sum(len(r["response"]) + 1 for r in sft_rows)
+    assert sft["eval/tokens"] == sum(len(r["messages"][-1]["content"]) + 1 for r in sft_rows)
     assert sft["eval/loss"] < sft["eval/loss_before"]
     assert sft["eval/perplexity"] == pytest.approx(math.exp(sft["eval/loss"]), rel=1e-5)
     rm_rows = [json.loads(line) for line in (data / "comparisons_eval.jsonl").read_text().splitlines()[:16]]
