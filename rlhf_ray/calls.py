@@ -33,8 +33,26 @@ def wait(refs: list, workers: list, what: str, timeout_s: float) -> list:
         try:
             ray.get(ready[0])
         except ray.exceptions.RayError as e:
-            raise WorkerError(f"{what} failed on {name_of[ready[0]]!r}: {e}") from e
+            culprit, error = _root_cause(ready[0], e, pending)
+            raise WorkerError(f"{what} failed on {name_of[culprit]!r}: {error}") from error
     return ray.get(list(refs))
+
+
+def _root_cause(ref, error: Exception, others: list, grace_s: float = 2.0) -> tuple[Any, Exception]:
+    """The call to blame for ``error``: a peer blocked in a collective with a worker that died
+    fails too, often first (gloo notices the closed connection before Ray reports the death), so
+    a call that answers within ``grace_s`` with its worker dead is named instead."""
+    if isinstance(error, ray.exceptions.RayActorError) or not others:
+        return ref, error
+    done, _ = ray.wait(others, num_returns=len(others), timeout=grace_s)
+    for r in done:
+        try:
+            ray.get(r)
+        except ray.exceptions.RayActorError as e:
+            return r, e
+        except ray.exceptions.RayError:
+            pass
+    return ref, error
 
 
 @dataclass

@@ -139,10 +139,9 @@ def test_architecture_loads_trains_and_syncs(ray_cluster, tmp_path_factory, arch
         exp.advantages = torch.randn(mask.shape, generator=g) * mask
         exp.ref_logprobs = exp.old_logprobs
         policy.update(exp, kl_coef=0.0)
-        sync.push(1)
+        diff = sync.push(1, check=samples)["sync/check_logprob_diff"]  # vLLM vs learner on the new weights
         after = policy.compute_logprobs(exp)
         moved = float(((after - exp.old_logprobs).abs() * mask).sum() / mask.sum())
-        diff = sync.spot_check(samples)
         print(f"\n{arch}: behaviour diff {behaviour:.1e}, update moved logprobs {moved:.1e}, "
               f"post-sync diff {diff:.1e}, {sync.weight_bytes / 1e6:.2f} MB, {time.perf_counter() - start:.1f}s")
         assert moved > 1e-2, "the update should change the policy for the check to mean anything"

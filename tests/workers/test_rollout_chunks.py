@@ -42,6 +42,7 @@ class FakeLLM:
 def worker(max_new_tokens: int = 10) -> RolloutWorker:
     w = object.__new__(RolloutWorker)
     w.name, w.cfg, w.llm, w.version = "rollout-0", RolloutConfig(max_new_tokens=max_new_tokens), FakeLLM(), 0
+    w.model_path = ""  # no generation_config: stops come from the config only
     w._engine_lock, w._generate_lock = threading.Lock(), threading.Lock()
     w._versions, w._loads_waiting, w.busy_s = threading.Condition(), 0, 0.0
     return w
