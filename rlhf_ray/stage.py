@@ -63,8 +63,7 @@ def start_group(role: str, worker_cls: type, cfg: LearnerConfig, cluster: Cluste
         total_optimizer_steps=total_optimizer_steps, trust_remote_code=trust_remote_code,
     ), namespace=cluster.namespace, timeout_s=cluster.call_timeout_s, env=worker_env(cluster))
     try:
-        group.ready()
-        group.init_world()
+        group.start()  # placed, constructed, DeepSpeed world wired
     except BaseException:
         group.shutdown()
         raise

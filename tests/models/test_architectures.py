@@ -107,8 +107,7 @@ def test_architecture_loads_trains_and_syncs(ray_cluster, tmp_path_factory, arch
     rollout, policy = start_groups(model_dir)
     try:
         rollout.ready()
-        policy.ready()
-        policy.init_world()
+        policy.start()
         sync = WeightSync(policy, rollout, SyncConfig(), tensor_parallel_size=1, timeout_s=300, pad_id=TOK.pad_token_id)
         # every parameter of the HF model is in the sync plan (tied weights once)
         hf_names = {n for n, _ in load_causal_lm(model_dir).named_parameters()}

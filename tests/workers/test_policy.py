@@ -47,8 +47,7 @@ def two_policy_ranks(cfg: LearnerConfig, tiny: str, **worker_kwargs) -> PolicyGr
         name=name, rank=i, world_size=2, cfg=cfg, model_path=tiny, algo=algo, **worker_kwargs,
     ), namespace="rlhf_ray_tests", timeout_s=300, env={"DS_ACCELERATOR": "cpu"})
     try:
-        group.ready()
-        group.init_world()
+        group.start()  # placed, constructed, DeepSpeed world wired
     except BaseException:
         group.shutdown()
         raise
