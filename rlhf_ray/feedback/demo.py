@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 from rlhf_ray.algo.overoptimization import proxy_gold_divergence
@@ -61,12 +62,15 @@ def finished(run_dir: Path, steps: int) -> tuple[dict, list[dict]] | None:
 
 
 def detector_steps(rows: list[dict]) -> list[int]:
-    """Steps at which the over-optimisation check (as the trainer runs it) starts firing."""
-    proxy = [r.get("reward/mean") or float("nan") for r in rows]
-    gold = [r.get("reward/gold") or float("nan") for r in rows]
+    """Steps at which the over-optimisation check, as the trainer runs it, starts firing."""
+    from rlhf_ray.trainer import scored_by_current_reward_model
+
     fired, out = False, []
     for i in range(1, len(rows) + 1):
-        now = proxy_gold_divergence(proxy[:i], gold[:i]) is not None
+        scored = scored_by_current_reward_model(rows[:i])
+        proxy = [r.get("reward/mean", math.nan) for r in scored]
+        gold = [r.get("reward/gold", math.nan) for r in scored]
+        now = proxy_gold_divergence(proxy, gold) is not None
         if now and not fired:
             out.append(rows[i - 1]["step"])
         fired = now
