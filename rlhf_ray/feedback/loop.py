@@ -36,6 +36,20 @@ log = logging.getLogger(__name__)
 MAX_RM_LEN = 4096  # rows are prompt + completion text; the model's own limit applies
 
 
+def as_pairs(comparisons) -> tuple[list[str], list[list[str]]]:
+    """Every ranking as its ``C(k, 2)`` ``[better, worse]`` pairs (prompts repeated alongside):
+    tasks rank 2..k completions, and the reward model's batches need one k. The pair loss is the
+    ranking loss (``algo.losses.ranking_loss`` averages over the same pairs)."""
+    from rlhf_ray.algo.losses import ranking_pairs
+
+    prompts, pairs = [], []
+    for c in comparisons:
+        for i, j in ranking_pairs(len(c.ranked)):
+            prompts.append(c.prompt)
+            pairs.append([c.ranked[i], c.ranked[j]])
+    return prompts, pairs
+
+
 class FeedbackLoop:
     def __init__(self, cfg: Config, groups, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
                  run_dir: Path):
@@ -108,10 +122,11 @@ class FeedbackLoop:
         return m
 
     def send_round(self, step: int, weight_version: int) -> None:
-        """``prompts_per_round`` prompts x ``k`` distinct fresh completions of the current policy,
-        as tasks. 2k are sampled per prompt and the first k distinct texts kept (a prompt with
-        fewer is skipped): identical completions cannot be ranked, and their random order would
-        only teach the reward model noise."""
+        """``prompts_per_round`` prompts x up to ``k`` distinct fresh completions of the current
+        policy, as tasks. 2k are sampled per prompt and the first k distinct texts kept; a prompt
+        with fewer than 2 distinct ones is skipped (identical completions cannot be ranked, and
+        their random order would only teach the reward model noise). Requiring all k would skip
+        most prompts of a policy that has sharpened, exactly the one whose blind spots need labels."""
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
         picked = torch.randperm(len(self.prompts), generator=gen)[: self.f.prompts_per_round].tolist()
         samples = self.g.rollout.generate([self.prompt_ids[i] for i in picked], seed=self.cfg.seed + 31 * step,
@@ -122,7 +137,7 @@ class FeedbackLoop:
             text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
             if text not in texts and len(texts) < self.f.k:
                 texts.append(text)
-        rows = [(self.prompts[picked[i]], texts) for i, texts in sorted(distinct.items()) if len(texts) == self.f.k]
+        rows = [(self.prompts[picked[i]], texts) for i, texts in sorted(distinct.items()) if len(texts) >= 2]
         self.counts["skipped_prompts"] += len(picked) - len(rows)
         if rows:
             ray.get(self.service.add_tasks.remote(rows, weight_version), timeout=self.cfg.cluster.call_timeout_s)
@@ -150,24 +165,24 @@ class FeedbackLoop:
         from rlhf_ray.workers.supervised import encode_rankings
 
         comparisons = ray.get(self.service.comparisons.remote(0), timeout=self.cfg.cluster.call_timeout_s)
-        held = [c for c in comparisons if c.id % self.f.heldout_every == 0]
+        held = [c for c in comparisons if c.id % self.f.heldout_every == 0]  # whole rankings: no pair leaks
         train = [c for c in comparisons if c.id % self.f.heldout_every]
         lc = self.f.learner
         rows_per_step = lc.num_ranks * lc.micro_batch_size
-        if len(train) < rows_per_step or len(held) < lc.num_ranks:
-            return {}  # not enough yet: try again when more have arrived
 
         def encode(cs):
-            return encode_rankings(self.tokenizer, [c.prompt for c in cs], [c.ranked for c in cs], MAX_RM_LEN,
-                                   "feedback comparisons")
+            prompts, pairs = as_pairs(cs)
+            return encode_rankings(self.tokenizer, prompts, pairs, MAX_RM_LEN, "feedback comparisons")
 
         train_batch, held_batch = encode(train), encode(held)
+        if len(train_batch) < rows_per_step or len(held_batch) < lc.num_ranks:
+            return {}  # not enough yet: try again when more have arrived
         before = summarize(self.rm.evaluate(held_batch))["eval/accuracy"]
         self.rm.save_checkpoint(str(self.dir / "deployed"))
-        steps = len(train) // rows_per_step
+        steps = len(train_batch) // rows_per_step
         metrics: dict[str, float] = {}
         for epoch in range(self.f.rm_epochs):
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            order = torch.randperm(len(train_batch), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
             metrics = self.rm.train(train_batch.select(order[: steps * rows_per_step]), steps)
         after = summarize(self.rm.evaluate(held_batch))["eval/accuracy"]
         self.trained_through = comparisons[-1].id
@@ -183,7 +198,7 @@ class FeedbackLoop:
             self.rm.load_checkpoint(str(self.dir / "deployed"))
             self.counts["rejected_versions"] += 1
             self.heldout_accuracy = before
-        log.info("reward model retrained on %d comparisons (%d held out): accuracy %.3f -> %.3f, %s", len(train),
+        log.info("reward model retrained on %d rankings (%d held out): accuracy %.3f -> %.3f, %s", len(train),
                  len(held), before, after, f"now version {self.version}" if accepted else "kept the current version")
         return {"reward_model/candidate_accuracy": after, "reward_model/loss": metrics.get("reward_model/loss", math.nan),
                 "reward_model/train_comparisons": float(len(train))}

@@ -229,3 +229,14 @@ def test_a_worse_candidate_is_not_swapped_in(ray_cluster, tmp_path, cache_dir):
     finally:
         store.close()
         ray.kill(loop.service)
+
+
+def test_rankings_of_any_size_become_their_pairs():
+    from rlhf_ray.feedback.loop import as_pairs
+    from rlhf_ray.feedback.store import Comparison
+
+    three = Comparison(1, "t1", "rev abc=", ["cba", "cbb", "abc"], 0, "ai", 0.0)
+    two = Comparison(2, "t2", "rev ab=", ["ba", "ab"], 0, "ai", 0.0)
+    prompts, pairs = as_pairs([three, two])
+    assert prompts == ["rev abc="] * 3 + ["rev ab="]
+    assert pairs == [["cba", "cbb"], ["cba", "abc"], ["cbb", "abc"], ["ba", "ab"]]
