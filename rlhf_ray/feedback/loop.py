@@ -37,14 +37,17 @@ MAX_RM_LEN = 4096  # rows are prompt + completion text; the model's own limit ap
 
 
 def as_pairs(comparisons) -> tuple[list[str], list[list[str]]]:
-    """Every ranking as its ``C(k, 2)`` ``[better, worse]`` pairs (prompts repeated alongside):
-    tasks rank 2..k completions, and the reward model's batches need one k. The pair loss is the
-    ranking loss (``algo.losses.ranking_loss`` averages over the same pairs)."""
+    """Every ranking as its ``C(k, 2)`` ``[better, worse]`` pairs (prompts repeated alongside),
+    minus the pairs inside a tied group: tasks rank 2..k completions, and the reward model's
+    batches need one k. The pair loss is the ranking loss (``algo.losses.ranking_loss``
+    averages over the same pairs)."""
     from rlhf_ray.algo.losses import ranking_pairs
 
     prompts, pairs = [], []
     for c in comparisons:
         for i, j in ranking_pairs(len(c.ranked)):
+            if all(p in c.ties for p in range(i, j)):
+                continue  # i ~ i+1 ~ ... ~ j: no preference
             prompts.append(c.prompt)
             pairs.append([c.ranked[i], c.ranked[j]])
     return prompts, pairs

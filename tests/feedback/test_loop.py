@@ -85,9 +85,12 @@ def test_reward_worker_swaps_the_model_in_place(cache_dir, tmp_path):
 
 def test_ai_labeler_ranks_by_gold_and_noise_shuffles():
     exact = AILabeler(noise=0.0, seed=1)
-    assert exact("rev abc=", ["abc", "cba", "cbb"]) == [1, 2, 0]  # gold 1/3, 1, 2/3
+    assert exact("rev abc=", ["abc", "cba", "cbb"]) == ([1, 2, 0], [])  # gold 1/3, 1, 2/3
+    # gold 1, 2/3, 2/3, 1/3: the two 2/3 (either order) are reported tied (positions 1 and 2)
+    ranking, ties = exact("rev abc=", ["cba", "cbb", "caa", "abc"])
+    assert ranking in ([0, 1, 2, 3], [0, 2, 1, 3]) and ties == [1]
     noisy = AILabeler(noise=1.0, seed=1)
-    rankings = {tuple(noisy("rev abcd=", ["dcba", "dcbb", "dcaa", "abcd"])) for _ in range(30)}
+    rankings = {tuple(noisy("rev abcd=", ["dcba", "dcbb", "dcaa", "abcd"])[0]) for _ in range(30)}
     assert len(rankings) > 5
 
 
@@ -121,7 +124,7 @@ class SlowJudge:
 
 def test_http_labeler_timeouts_are_counted_and_never_block(tmp_path):
     judge = SlowJudge(delay=0.0)
-    assert HttpLabeler(judge.url)("p", ["a", "b", "c"]) == [2, 1, 0]
+    assert HttpLabeler(judge.url)("p", ["a", "b", "c"]) == ([2, 1, 0], [])  # no "ties" in the reply: none
     judge.delay = 2.0
     with pytest.raises(LabelerTimeout):
         HttpLabeler(judge.url, timeout_s=0.2, retries=2)("p", ["a", "b"])
@@ -240,3 +243,8 @@ def test_rankings_of_any_size_become_their_pairs():
     prompts, pairs = as_pairs([three, two])
     assert prompts == ["rev abc="] * 3 + ["rev ab="]
     assert pairs == [["cba", "cbb"], ["cba", "abc"], ["cbb", "abc"], ["ba", "ab"]]
+    # ties at positions 1 and 2: "b" ~ "c" ~ "d" -> only the pairs with "a" are preferences
+    tied = Comparison(3, "t3", "rev x=", ["a", "b", "c", "d"], 0, "ai", 0.0, ties=(1, 2))
+    assert as_pairs([tied])[1] == [["a", "b"], ["a", "c"], ["a", "d"]]
+    assert as_pairs([Comparison(4, "t4", "rev x=", ["a", "b", "c"], 0, "ai", 0.0, ties=(0,))])[1] == \
+        [["a", "c"], ["b", "c"]]
