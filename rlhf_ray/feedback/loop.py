@@ -173,13 +173,11 @@ class FeedbackLoop:
         lc = self.f.learner
         rows_per_step = lc.num_ranks * lc.micro_batch_size
 
-        def encode(cs):
-            prompts, pairs = as_pairs(cs)
-            return encode_rankings(self.tokenizer, prompts, pairs, MAX_RM_LEN, "feedback comparisons")
-
-        train_batch, held_batch = encode(train), encode(held)
-        if len(train_batch) < rows_per_step or len(held_batch) < lc.num_ranks:
+        train_pairs, held_pairs = as_pairs(train), as_pairs(held)
+        if len(train_pairs[0]) < rows_per_step or len(held_pairs[0]) < lc.num_ranks:
             return {}  # not enough yet: try again when more have arrived
+        train_batch, held_batch = (encode_rankings(self.tokenizer, prompts, pairs, MAX_RM_LEN, "feedback comparisons")
+                                   for prompts, pairs in (train_pairs, held_pairs))
         before = summarize(self.rm.evaluate(held_batch))["eval/accuracy"]
         self.rm.save_checkpoint(str(self.dir / "deployed"))
         steps = len(train_batch) // rows_per_step
