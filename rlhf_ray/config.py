@@ -359,7 +359,7 @@ class FeedbackConfig:
     prompts_per_round: int = 8
     """prompts sent for labeling per round (each with k fresh completions)"""
     k: int = 4
-    """completions per labeling task, ranked best to worst by the labeler"""
+    """most completions per labeling task (the first k distinct of 2k samples; 2..k), ranked best to worst"""
     min_labels: int = 16
     """new comparisons needed before the reward model is retrained"""
     wait: bool = False

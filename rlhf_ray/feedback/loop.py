@@ -2,12 +2,13 @@
 
 The trainer calls :meth:`FeedbackLoop.after_step` once per step (and saves/loads its state
 with every checkpoint). Every ``feedback.every`` steps it samples ``prompts_per_round`` prompts
-and ``k`` fresh completions each from the rollout engines (the current policy, tagged with its
+and up to ``k`` distinct fresh completions each from the rollout engines (the current policy, tagged with its
 weight version) and hands them to the feedback service as labeling tasks. Labels arrive in the
 background (people on the page, or a machine labeler thread); training never waits for them
 unless ``feedback.wait=true`` (then each round waits until its tasks are labeled). Once ``min_labels`` new comparisons are in, the reward model's
 DeepSpeed group (warm: it holds the deployed version's weights and optimizer state) trains on
-all comparisons so far except the held-out ones (every ``heldout_every``-th), and the candidate
+the preference pairs of all comparisons so far except the held-out ones (every
+``heldout_every``-th ranking; pairs inside a tie are left out), and the candidate
 is compared with the deployed version on the held-out comparisons (pairwise accuracy, the same
 evaluation as ``python -m rlhf_ray.reward_model``). A better-or-equal candidate becomes the next
 version and every reward worker loads it in place; a worse one is discarded (the group goes
