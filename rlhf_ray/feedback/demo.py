@@ -44,7 +44,7 @@ def weak_reward_model(out: Path, sft_model: str, cache_dir: str, rows: int, seed
 
 
 def ppo(run_dir: Path, common: list[str], extra: list[str]) -> tuple[dict, list[dict]]:
-    from rlhf_ray.evaluate import read_metrics
+    from rlhf_ray.eval_report import read_metrics
     from rlhf_ray.train import compose_config, run
 
     summary = run(compose_config([f"trainer.output_dir={run_dir}", *common, *extra]), run_dir)
@@ -53,7 +53,7 @@ def ppo(run_dir: Path, common: list[str], extra: list[str]) -> tuple[dict, list[
 
 def finished(run_dir: Path, steps: int) -> tuple[dict, list[dict]] | None:
     """A finished run of ``steps`` steps in ``run_dir`` (a rerun of the demo reuses it)."""
-    from rlhf_ray.evaluate import read_metrics
+    from rlhf_ray.eval_report import read_metrics
 
     path = run_dir / "summary.json"
     if not path.exists() or json.loads(path.read_text()).get("steps") != steps:
@@ -78,7 +78,7 @@ def detector_steps(rows: list[dict]) -> list[int]:
 
 
 def gold_numbers(rows: list[dict]) -> dict[str, float]:
-    from rlhf_ray.evaluate import rolling_mean
+    from rlhf_ray.eval_report import rolling_mean
 
     smooth = rolling_mean([r["reward/gold"] for r in rows], SMOOTH)
     return {"final_gold": smooth[-1], "best_gold": max(smooth[SMOOTH - 1 :] or smooth),
@@ -91,7 +91,7 @@ def plot(runs: dict[str, list[dict]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlhf_ray.evaluate import rolling_mean
+    from rlhf_ray.eval_report import rolling_mean
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"static": "tab:red", "loop": "tab:blue"}

@@ -7,8 +7,9 @@ weight version) and hands them to the feedback service as labeling tasks. Labels
 background (people on the page, or a machine labeler thread); training never waits for them
 unless ``feedback.wait=true`` (then each round waits until its tasks are labeled). Once ``min_labels`` new comparisons are in, the reward model's
 DeepSpeed group (warm: it holds the deployed version's weights and optimizer state) trains on
-the preference pairs of all comparisons so far except the held-out ones (every
-``heldout_every``-th ranking; pairs inside a tie are left out), and the candidate
+the preference pairs of the comparisons so far except the held-out ones (every
+``heldout_every``-th ranking; pairs inside a tie are left out): those the deployed version has
+not learned from, plus ``replay`` times as many drawn from the older ones; and the candidate
 is compared with the deployed version on the held-out comparisons (pairwise accuracy, the same
 evaluation as ``python -m rlhf_ray.reward_model``). A better-or-equal candidate becomes the next
 version and every reward worker loads it in place; a worse one is discarded (the group goes
@@ -62,7 +63,8 @@ class FeedbackLoop:
         self.dir = Path(run_dir).absolute() / "feedback"
         self.db_path = Path(self.f.db_path).absolute() if self.f.db_path else self.dir / "labels.db"
         self.version, self.version_path = 0, cfg.reward.model_path
-        self.trained_through = 0  # comparisons with id <= this went into the deployed version
+        self.trained_through = 0  # comparisons with id <= this went into a retraining (deployed or not)
+        self.deployed_through = 0  # comparisons with id <= this went into the deployed version
         self.heldout_accuracy = math.nan
         self.counts = {"rejected_versions": 0, "wait_timeouts": 0, "rounds": 0, "worker_reloads": 0,
                        "skipped_prompts": 0}
@@ -164,7 +166,8 @@ class FeedbackLoop:
 
     # ------------------------------------------------------------------ reward model
     def retrain(self) -> dict[str, float]:
-        """Warm-start training on every comparison so far; swap in if held-out accuracy holds."""
+        """Warm-start training on the comparisons so far (new ones plus a replay of older ones,
+        :meth:`replay_mix`); swap in if held-out accuracy holds."""
         from rlhf_ray.reward_model import summarize
         from rlhf_ray.workers.supervised import encode_rankings
 
@@ -174,7 +177,7 @@ class FeedbackLoop:
         lc = self.f.learner
         rows_per_step = lc.num_ranks * lc.micro_batch_size
 
-        train_pairs, held_pairs = as_pairs(train), as_pairs(held)
+        train_pairs, held_pairs = self.replay_mix(train), as_pairs(held)
         if len(train_pairs[0]) < rows_per_step or len(held_pairs[0]) < lc.num_ranks:
             return {}  # not enough yet: try again when more have arrived
         train_batch, held_batch = (encode_rankings(self.tokenizer, prompts, pairs, MAX_RM_LEN, "feedback comparisons")
@@ -191,6 +194,7 @@ class FeedbackLoop:
         accepted = after >= before + self.f.min_accuracy_gain
         if accepted:
             self.version += 1
+            self.deployed_through = self.trained_through
             path = self.dir / f"reward_model_v{self.version}"
             self.rm.save_hf(str(path))
             self.tokenizer.save_pretrained(str(path))
@@ -203,7 +207,20 @@ class FeedbackLoop:
         log.info("reward model retrained on %d rankings (%d held out): accuracy %.3f -> %.3f, %s", len(train),
                  len(held), before, after, f"now version {self.version}" if accepted else "kept the current version")
         return {"reward_model/candidate_accuracy": after, "reward_model/loss": metrics.get("reward_model/loss", math.nan),
-                "reward_model/train_comparisons": float(len(train))}
+                "reward_model/train_comparisons": float(len(train)), "reward_model/train_pairs": float(len(train_batch))}
+
+    def replay_mix(self, train: list) -> tuple[list[str], list[list[str]]]:
+        """The pairs of the comparisons the deployed version has not learned from, plus ``replay``
+        times as many pairs drawn afresh from the older ones. Warm-started training that passed
+        over every old comparison again at each retraining would fit them a few more epochs each
+        time: in the demo every candidate after the fifth version was worse on held-out pairs
+        than the deployed one (and rejected), so the reward model froze while the policy moved."""
+        new_prompts, new_pairs = as_pairs([c for c in train if c.id > self.deployed_through])
+        old_prompts, old_pairs = as_pairs([c for c in train if c.id <= self.deployed_through])
+        n = min(len(old_pairs), round(self.f.replay * len(new_pairs)))
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.trained_through)
+        picked = torch.randperm(len(old_pairs), generator=gen)[:n].tolist()
+        return new_prompts + [old_prompts[i] for i in picked], new_pairs + [old_pairs[i] for i in picked]
 
     def swap(self, path: str, version: int) -> None:
         """Every reward worker loads version ``version`` in place."""
@@ -229,6 +246,7 @@ class FeedbackLoop:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {"version": self.version, "trained_through": self.trained_through,
+                "deployed_through": self.deployed_through,
                 "heldout_accuracy": None if math.isnan(self.heldout_accuracy) else self.heldout_accuracy,
                 "counts": dict(self.counts)}
 
@@ -259,6 +277,7 @@ class FeedbackLoop:
             shutil.copy2(path / "labels.db", self.db_path)
         self.start()
         self.version, self.trained_through = state["version"], state["trained_through"]
+        self.deployed_through = state.get("deployed_through", self.trained_through)  # older checkpoints: all learned
         self.heldout_accuracy = math.nan if state["heldout_accuracy"] is None else state["heldout_accuracy"]
         self.counts.update(state["counts"])
         self.rm.load_checkpoint(str(path / "reward_model"))
