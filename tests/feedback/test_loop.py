@@ -251,3 +251,20 @@ def test_rankings_of_any_size_become_their_pairs():
     assert as_pairs([tied])[1] == [["a", "b"], ["a", "c"], ["a", "d"]]
     assert as_pairs([Comparison(4, "t4", "rev x=", ["a", "b", "c"], 0, "ai", 0.0, ties=(0,))])[1] == \
         [["a", "c"], ["b", "c"]]
+
+
+def test_retraining_takes_the_new_comparisons_and_replays_as_many_old_pairs(tmp_path):
+    from rlhf_ray.feedback.loop import FeedbackLoop
+    from rlhf_ray.feedback.store import Comparison
+
+    cfg = compose(["reward=model", "reward.model_path=rm", "feedback.enabled=true", "feedback.replay=1.0"])
+    loop = FeedbackLoop(cfg, None, None, ["rev ab="], [[1]], tmp_path)
+    old = [Comparison(i, f"t{i}", f"rev {i}=", [f"o{i}", f"p{i}"], 0, "ai", 0.0) for i in range(1, 7)]
+    new = [Comparison(i, f"t{i}", f"rev {i}=", [f"n{i}", f"m{i}"], 1, "ai", 0.0) for i in range(7, 9)]
+    loop.deployed_through, loop.trained_through = 6, 6
+    prompts, pairs = loop.replay_mix(old + new)
+    assert pairs[:2] == [["n7", "m7"], ["n8", "m8"]]  # every new pair, first
+    assert len(pairs) == 4 and all(p[0].startswith("o") for p in pairs[2:])  # 2 old ones replayed
+    assert len(set(prompts)) == 4
+    loop.deployed_through = 0  # nothing deployed yet: all are new, none replayed
+    assert len(loop.replay_mix(old + new)[1]) == 8
