@@ -11,8 +11,9 @@ static run); delete OUT to start over.
 4. one PNG (``OUT/feedback_demo.png``): gold and proxy reward per step of both runs, the loop's
    reward-model versions marked; ``OUT/feedback_demo.json``: the numbers.
 
-The frozen proxy is expected to be over-optimised (proxy up, gold down: the trainer's detector,
-``algo/overoptimization.py``, warns), while the loop keeps the gold score up.
+The frozen proxy is expected to be over-optimised (gold falls from its peak while the proxy
+does not: the trainer's detector, ``algo/overoptimization.py``, warns), while the loop holds
+the gold score higher (measured numbers: README, "Human feedback loop").
 """
 
 from __future__ import annotations
