@@ -89,7 +89,7 @@ class RewardModelConfig:
     """model.policy_path = the causal LM the reward model starts from (empty = the tiny built-in)"""
     data: SupervisedDataConfig = field(default_factory=SupervisedDataConfig)
     """comparison files ({prompt, completions best -> worst} or {prompt, chosen, rejected} rows)"""
-    epochs: int = 1
+    epochs: int = 2
     """passes over the training rows (held-out pairwise accuracy after each)"""
     steps_per_call: int = 25
     """optimizer steps per call to the learner group (granularity of progress and metrics)"""
