@@ -365,7 +365,7 @@ class FeedbackConfig:
     prompts_per_round: int = 8
     """prompts sent for labeling per round (each with k fresh completions)"""
     k: int = 4
-    """completions per labeling task, ranked best to worst by the labeler"""
+    """most completions per labeling task (the first k distinct of 2k samples; 2..k), ranked best to worst"""
     min_labels: int = 16
     """new comparisons needed before the reward model is retrained"""
     wait: bool = False
@@ -399,7 +399,9 @@ class FeedbackConfig:
     heldout_every: int = 5
     """every n-th comparison is held out to validate new reward-model versions"""
     rm_epochs: int = 2
-    """passes over all training comparisons per retraining (warm start from the current version)"""
+    """passes per retraining over the comparisons the deployed version has not learned from, plus the replayed ones"""
+    replay: float = 1.0
+    """older comparisons (already learned by the deployed version) replayed per new one in a retraining, drawn afresh"""
     min_accuracy_gain: float = 0.0
     """a new version is swapped in only if its held-out pairwise accuracy >= the current one's + this"""
     learner: LearnerConfig = field(default_factory=_feedback_learner)
@@ -658,6 +660,8 @@ def _feedback_errors(cfg: Config) -> list[str]:
         e.append(f"feedback.ai_noise: must be in [0, 1], got {f.ai_noise}")
     if f.ai_latency_s < 0:
         e.append(f"feedback.ai_latency_s: must be >= 0, got {f.ai_latency_s}")
+    if f.replay < 0:
+        e.append(f"feedback.replay: must be >= 0, got {f.replay}")
     if not 0 <= f.port < 65536:
         e.append(f"feedback.port: must be in 0..65535, got {f.port}")
     if f.labeler == "http":
