@@ -152,6 +152,10 @@ class RewardConfig:
     """per-request timeout of the reward service"""
     retries: int = 3
     """attempts per request to the reward service"""
+    batch_size: int = 32
+    """completions per request to the reward service (http) or per forward pass (model)"""
+    max_concurrency: int = 4
+    """requests to the reward service in flight at once, per reward worker (http)"""
     num_workers: int = 1
     """reward workers scoring in parallel"""
     gold_function: str = "rlhf_ray.data.task:gold_reward"
@@ -268,6 +272,8 @@ class SyncConfig:
     """warn when |vLLM - learner| logprob difference after a sync exceeds this"""
     check_samples: int = 4
     """sequences used for the post-sync logprob spot check"""
+    timeout_s: float = 60.0
+    """collective backend: seconds a transfer may wait for a peer before it fails (the group's timeout)"""
 
 
 @dataclass
@@ -575,8 +581,9 @@ def _reward_errors(rw: RewardConfig) -> list[str]:
         e.append(f"reward.function: expected 'module:callable', got {rw.function!r}")
     if rw.kind == "http":
         e += _http_errors(rw)
-    if rw.num_workers < 1:
-        e.append(f"reward.num_workers: must be >= 1, got {rw.num_workers}")
+    for key in ("num_workers", "batch_size", "max_concurrency", "retries"):
+        if getattr(rw, key) < 1:
+            e.append(f"reward.{key}: must be >= 1, got {getattr(rw, key)}")
     return e
 
 
@@ -615,6 +622,8 @@ def _misc_errors(cfg: Config) -> list[str]:
         e.append(f"data.max_prompt_len: must be >= 1, got {cfg.data.max_prompt_len}")
     if cfg.sync.bucket_mb <= 0:
         e.append(f"sync.bucket_mb: must be > 0, got {cfg.sync.bucket_mb}")
+    if cfg.sync.timeout_s <= 0:
+        e.append(f"sync.timeout_s: must be > 0, got {cfg.sync.timeout_s}")
     lora = cfg.model.lora
     if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
         e.append(f"model.lora: need rank >= 0, alpha > 0, 0 <= dropout < 1, got {lora.rank}/{lora.alpha}/{lora.dropout}")

@@ -78,6 +78,10 @@ def test_http_reward_must_be_https_or_loopback():
         compose(["reward=http", "reward.url=http://rewards.example.com/score"])
     compose(["reward=http", "reward.url=http://127.0.0.1:8000/score"])
     compose(["reward=http", "reward.url=https://rewards.example.com/score"])
+    with pytest.raises(ConfigError, match="reward.max_concurrency") as e:
+        compose(["reward=http", "reward.url=http://127.0.0.1:8000/score", "reward.batch_size=0",
+                 "reward.max_concurrency=0"])
+    assert "reward.batch_size" in str(e.value)
 
 
 def test_unknown_key_is_rejected_by_hydra():
