@@ -33,6 +33,10 @@ def files(uri: str) -> list[str]:
     return sorted(p[len(root) + 1 :] for p in fs.find(root))
 
 
+def metric_rows() -> list[dict]:
+    return [json.loads(x) for x in storage.read_text(storage.join(OUT, "metrics.jsonl")).splitlines()]
+
+
 def test_run_on_s3_survives_a_kill_during_checkpoint_upload(ray_cluster, s3_env, tmp_path, cache_dir, monkeypatch,
                                                             caplog):
     root = storage.join(OUT, "checkpoints")
@@ -52,18 +56,18 @@ def test_run_on_s3_survives_a_kill_during_checkpoint_upload(ray_cluster, s3_env,
     assert ckpt.is_complete(step1) and ckpt.latest(root) == step1
     assert files(step2) == ["policy/ds/mp_rank_00_model_states.pt"]  # partial: no optimizer, RNG, driver state, marker
     assert not any(f.startswith("final/") for f in files(OUT))
+    assert [r["step"] for r in metric_rows()] == [1]  # uploaded with checkpoint 1
 
     monkeypatch.delenv("RLHF_RAY_FAULTS")
     caplog.set_level(logging.INFO, logger="rlhf_ray")
-    summary = run(cfg, tmp_path / "local")
+    summary = run(cfg, tmp_path / "resubmitted")  # a new job: a new local staging directory
     assert f"resumed from {step1} at step 1 (" in caplog.text
     assert summary["steps"] == 2 and summary["final_model"] == storage.join(OUT, "final")
     assert ckpt.checkpoints(root) == [step1, step2]
-    assert files(step2) == ["COMPLETE", "driver.json", "policy/ds/mp_rank_00_model_states.pt",
-                            "policy/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "policy/rng_rank0.json"]
+    assert {"COMPLETE", "driver.json", "policy/ds/mp_rank_00_model_states.pt",  # (+ DeepSpeed's zero_to_*.py)
+            "policy/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "policy/rng_rank0.json"} <= set(files(step2))
     assert ckpt.read_driver_state(step2)["step"] == 2
-    rows = [json.loads(x) for x in storage.read_text(storage.join(OUT, "metrics.jsonl")).splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in metric_rows()] == [1, 2]  # step 1's row from the first job
     assert json.loads(storage.read_text(storage.join(OUT, "summary.json")))["steps"] == 2
     with storage.fetched(storage.join(OUT, "final")) as final:
         assert_causal_lm_export(Path(final), with_vllm=False)  # vLLM loads exports: test_pipeline, test_lora
