@@ -349,7 +349,6 @@ class Trainer:
         job): start from the uploaded ``metrics.jsonl`` (the logger drops the rows to redo)."""
         local, remote = self.run_dir / "metrics.jsonl", storage.join(self.output_root, "metrics.jsonl")
         if self.output_root != str(self.run_dir) and not local.exists() and storage.exists(remote):
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             local.write_text(storage.read_text(remote), encoding="utf-8")
 
     def _sigterm_stops(self):
