@@ -340,6 +340,18 @@ class TrainerConfig:
     """also log metrics to Weights & Biases (needs `pip install wandb`; project from WANDB_PROJECT)"""
 
 
+# Token-budget micro-batches by default for the RL learners (and the reference, which follows the
+# policy): one forward/backward over a whole minibatch of short sequences instead of several small
+# ones, which on CPU run far below the matmul peak (bench/throughput.py, README Performance). 4096
+# padded tokens hold the default minibatches whole and keep the 25.4M benchmark model's
+# activations near 2 GB; set micro_batch_size rows instead with max_tokens_per_micro_batch=0.
+RL_TOKENS_PER_MICRO_BATCH = 4096
+
+
+def _rl_learner() -> LearnerConfig:
+    return LearnerConfig(max_tokens_per_micro_batch=RL_TOKENS_PER_MICRO_BATCH)
+
+
 def _feedback_learner() -> LearnerConfig:
     return LearnerConfig(num_ranks=1, lr=1e-4, micro_batch_size=8)
 
@@ -359,7 +371,7 @@ class FeedbackConfig:
     prompts_per_round: int = 8
     """prompts sent for labeling per round (each with k fresh completions)"""
     k: int = 4
-    """completions per labeling task, ranked best to worst by the labeler"""
+    """most completions per labeling task (the first k distinct of 2k samples; 2..k), ranked best to worst"""
     min_labels: int = 16
     """new comparisons needed before the reward model is retrained"""
     wait: bool = False
@@ -393,7 +405,9 @@ class FeedbackConfig:
     heldout_every: int = 5
     """every n-th comparison is held out to validate new reward-model versions"""
     rm_epochs: int = 2
-    """passes over all training comparisons per retraining (warm start from the current version)"""
+    """passes per retraining over the comparisons the deployed version has not learned from, plus the replayed ones"""
+    replay: float = 1.0
+    """older comparisons (already learned by the deployed version) replayed per new one in a retraining, drawn afresh"""
     min_accuracy_gain: float = 0.0
     """a new version is swapped in only if its held-out pairwise accuracy >= the current one's + this"""
     learner: LearnerConfig = field(default_factory=_feedback_learner)
@@ -409,8 +423,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    policy: LearnerConfig = field(default_factory=LearnerConfig)
-    critic: LearnerConfig = field(default_factory=LearnerConfig)
+    policy: LearnerConfig = field(default_factory=_rl_learner)
+    critic: LearnerConfig = field(default_factory=_rl_learner)
     sync: SyncConfig = field(default_factory=SyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -649,6 +663,8 @@ def _feedback_errors(cfg: Config) -> list[str]:
         e.append(f"feedback.ai_noise: must be in [0, 1], got {f.ai_noise}")
     if f.ai_latency_s < 0:
         e.append(f"feedback.ai_latency_s: must be >= 0, got {f.ai_latency_s}")
+    if f.replay < 0:
+        e.append(f"feedback.replay: must be >= 0, got {f.replay}")
     if not 0 <= f.port < 65536:
         e.append(f"feedback.port: must be in 0..65535, got {f.port}")
     if f.labeler == "http":

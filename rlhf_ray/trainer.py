@@ -57,6 +57,18 @@ class TrainingAborted(RuntimeError):
     """A numerical guard stopped the run (KL ceiling, repeated non-finite updates)."""
 
 
+def scored_by_current_reward_model(history: list[dict]) -> list[dict]:
+    """The trailing rows of ``history`` whose proxy reward came from the reward-model version in
+    use at the last row (``reward/model_version``; all rows when there is no such metric). The
+    row where a new version first appears was still scored by the previous one: the feedback
+    loop swaps after the step."""
+    version = history[-1].get("reward/model_version") if history else None
+    if version is None:
+        return history
+    first = next(i for i, h in enumerate(history) if h.get("reward/model_version") == version)
+    return history[first + 1 :] if first else history
+
+
 class Trainer:
     def __init__(self, cfg: Config, groups: Groups, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
                  run_dir: Path, eval_prompts: list[PromptInput] | None = None):
@@ -285,14 +297,18 @@ class Trainer:
 
     @staticmethod
     def _warn_overoptimization(history: list[dict]) -> None:
-        """Warn when the proxy reward (``reward/mean``) rose while the gold score fell over the last
-        steps (reward over-optimisation, Gao et al. 2022); once per episode, at its onset."""
-        proxy = [h.get("reward/mean", float("nan")) for h in history]
-        gold = [h.get("reward/gold", float("nan")) for h in history]
+        """Warn when the gold score fell from its peak while the proxy reward (``reward/mean``) did
+        not (reward over-optimisation, Gao et al. 2022); once per episode, at its onset. Only the
+        steps scored by the reward model now in use count: a new version (feedback loop) changes
+        the proxy's scale, and over-optimising it starts afresh."""
+        rows = scored_by_current_reward_model(history)
+        proxy = [h.get("reward/mean", float("nan")) for h in rows]
+        gold = [h.get("reward/gold", float("nan")) for h in rows]
         d = proxy_gold_divergence(proxy, gold)
         if d and not proxy_gold_divergence(proxy[:-1], gold[:-1]):
-            log.warning("reward over-optimisation? over the last %d steps the proxy reward rose by %.1f std while "
-                        "reward/gold fell by %.1f std", d.window, d.proxy_change, -d.gold_change)
+            log.warning("reward over-optimisation? reward/gold fell %.1f step-noise units below its peak "
+                        "%d steps ago while the proxy reward (reward/mean) did not fall (%+.1f units)",
+                        d.gold_drop, len(rows) - 1 - d.peak_step, d.proxy_change)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

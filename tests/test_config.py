@@ -64,7 +64,8 @@ def test_all_errors_reported_at_once_with_dotted_keys():
 def test_micro_batch_must_split_each_ranks_share():
     # 16 prompts x 4 samples = 64 sequences; 2 ranks -> 32 each; 2 minibatches of 16; 16 % 5 != 0
     with pytest.raises(ConfigError, match="policy.micro_batch_size"):
-        compose(["policy.micro_batch_size=5"])
+        compose(["policy.max_tokens_per_micro_batch=0", "policy.micro_batch_size=5"])
+    compose(["policy.micro_batch_size=5"])  # under the default token budget rows per micro-batch do not matter
 
 
 def test_group_algorithms_need_several_samples():

@@ -11,8 +11,9 @@ static run); delete OUT to start over.
 4. one PNG (``OUT/feedback_demo.png``): gold and proxy reward per step of both runs, the loop's
    reward-model versions marked; ``OUT/feedback_demo.json``: the numbers.
 
-The frozen proxy is expected to be over-optimised (proxy up, gold down: the trainer's detector,
-``algo/overoptimization.py``, warns), while the loop keeps the gold score up.
+The frozen proxy is expected to be over-optimised (gold falls from its peak while the proxy
+does not: the trainer's detector, ``algo/overoptimization.py``, warns), while the loop holds
+the gold score higher (measured numbers: README, "Human feedback loop").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 from rlhf_ray.algo.overoptimization import proxy_gold_divergence
@@ -43,7 +45,7 @@ def weak_reward_model(out: Path, sft_model: str, cache_dir: str, rows: int, seed
 
 
 def ppo(run_dir: Path, common: list[str], extra: list[str]) -> tuple[dict, list[dict]]:
-    from rlhf_ray.evaluate import read_metrics
+    from rlhf_ray.eval_report import read_metrics
     from rlhf_ray.train import compose_config, run
 
     summary = run(compose_config([f"trainer.output_dir={run_dir}", *common, *extra]), run_dir)
@@ -52,7 +54,7 @@ def ppo(run_dir: Path, common: list[str], extra: list[str]) -> tuple[dict, list[
 
 def finished(run_dir: Path, steps: int) -> tuple[dict, list[dict]] | None:
     """A finished run of ``steps`` steps in ``run_dir`` (a rerun of the demo reuses it)."""
-    from rlhf_ray.evaluate import read_metrics
+    from rlhf_ray.eval_report import read_metrics
 
     path = run_dir / "summary.json"
     if not path.exists() or json.loads(path.read_text()).get("steps") != steps:
@@ -61,12 +63,15 @@ def finished(run_dir: Path, steps: int) -> tuple[dict, list[dict]] | None:
 
 
 def detector_steps(rows: list[dict]) -> list[int]:
-    """Steps at which the over-optimisation check (as the trainer runs it) starts firing."""
-    proxy = [r.get("reward/mean") or float("nan") for r in rows]
-    gold = [r.get("reward/gold") or float("nan") for r in rows]
+    """Steps at which the over-optimisation check, as the trainer runs it, starts firing."""
+    from rlhf_ray.trainer import scored_by_current_reward_model
+
     fired, out = False, []
     for i in range(1, len(rows) + 1):
-        now = proxy_gold_divergence(proxy[:i], gold[:i]) is not None
+        scored = scored_by_current_reward_model(rows[:i])
+        proxy = [r.get("reward/mean", math.nan) for r in scored]
+        gold = [r.get("reward/gold", math.nan) for r in scored]
+        now = proxy_gold_divergence(proxy, gold) is not None
         if now and not fired:
             out.append(rows[i - 1]["step"])
         fired = now
@@ -74,7 +79,7 @@ def detector_steps(rows: list[dict]) -> list[int]:
 
 
 def gold_numbers(rows: list[dict]) -> dict[str, float]:
-    from rlhf_ray.evaluate import rolling_mean
+    from rlhf_ray.eval_report import rolling_mean
 
     smooth = rolling_mean([r["reward/gold"] for r in rows], SMOOTH)
     return {"final_gold": smooth[-1], "best_gold": max(smooth[SMOOTH - 1 :] or smooth),
@@ -87,7 +92,7 @@ def plot(runs: dict[str, list[dict]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlhf_ray.evaluate import rolling_mean
+    from rlhf_ray.eval_report import rolling_mean
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"static": "tab:red", "loop": "tab:blue"}
@@ -153,9 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "reward=model", f"reward.model_path={rm}", f"trainer.total_steps={args.steps}",
                   "trainer.resume=never", "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1",
                   "algo.kl_coef=0.01", *args.ppo]  # a weak KL leash: PPO pushes hard against the proxy
-        loop = ["feedback.enabled=true", "feedback.every=4", "feedback.prompts_per_round=16", "feedback.k=4",
-                "feedback.min_labels=32", "feedback.wait=true", "feedback.ai_noise=0.1", "feedback.rm_epochs=4",
-                "feedback.learner.lr=3e-4", *args.loop]
+        loop = ["feedback.enabled=true", "feedback.every=2", "feedback.prompts_per_round=16", "feedback.k=4",
+                "feedback.min_labels=16", "feedback.wait=true", "feedback.ai_noise=0.1", "feedback.rm_epochs=2",
+                "feedback.learner.lr=1e-4", "feedback.learner.micro_batch_size=16", *args.loop]
         static_summary, static = finished(out / "static", args.steps) or ppo(out / "static", common, [])
         loop_summary, looped = ppo(out / "loop", common, loop)
     finally:

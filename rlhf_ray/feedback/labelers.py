@@ -5,7 +5,8 @@
 - ``ai``: the built-in task's gold labeler (``rlhf_ray.data.task.gold_score``) standing in for
   people, with configurable noise (a random ranking with probability ``noise``) and latency;
 - ``http``: an external labeling service or LLM judge: ``POST {"prompt", "completions"}`` ->
-  ``{"ranking": [indices best -> worst]}``, with a timeout, retries and a bearer token.
+  ``{"ranking": [indices best -> worst], "ties": [positions p tied with p + 1, optional]}``, with
+  a timeout, retries and a bearer token.
 
 Machine labelers run in :class:`LabelerThread`, a client of the service's HTTP API exactly as
 a person's browser is: it takes a task, ranks it, posts the ranking. It runs beside training,
@@ -29,7 +30,8 @@ from rlhf_ray.config import FeedbackConfig
 
 log = logging.getLogger(__name__)
 
-Ranker = Callable[[str, list[str]], list[int]]  # (prompt, completions) -> indices best -> worst
+# (prompt, completions) -> (indices best -> worst, positions p in that ranking tied with p + 1)
+Ranker = Callable[[str, list[str]], tuple[list[int], list[int]]]
 
 
 class LabelerTimeout(RuntimeError):
@@ -37,7 +39,9 @@ class LabelerTimeout(RuntimeError):
 
 
 class AILabeler:
-    """Ranks by the gold score (ties in random order); with probability ``noise`` a random ranking."""
+    """Ranks by the gold score, equal scores reported as ties (in random order); with probability
+    ``noise`` a random ranking without ties. Forcing an order on equal completions would hand the
+    reward model coin flips as preferences (a fifth of the pairs of a sharpened policy's samples)."""
 
     def __init__(self, noise: float = 0.0, latency_s: float = 0.0, seed: int = 0, gold: Callable | None = None):
         from rlhf_ray.data.task import gold_score
@@ -45,14 +49,16 @@ class AILabeler:
         self.noise, self.latency_s, self.rng = noise, latency_s, random.Random(seed)
         self.gold = gold or gold_score
 
-    def __call__(self, prompt: str, completions: list[str]) -> list[int]:
+    def __call__(self, prompt: str, completions: list[str]) -> tuple[list[int], list[int]]:
         if self.latency_s:
             time.sleep(self.latency_s)
         order = list(range(len(completions)))
-        self.rng.shuffle(order)  # random tie-break (sorted() below is stable)
+        self.rng.shuffle(order)  # random order within ties (sorted() below is stable)
         if self.rng.random() < self.noise:
-            return order
-        return sorted(order, key=lambda i: -self.gold(prompt, completions[i]))
+            return order, []
+        scores = [self.gold(prompt, c) for c in completions]
+        ranking = sorted(order, key=lambda i: -scores[i])
+        return ranking, [p for p in range(len(ranking) - 1) if scores[ranking[p]] == scores[ranking[p + 1]]]
 
 
 class HttpLabeler:
@@ -64,7 +70,7 @@ class HttpLabeler:
     def __repr__(self) -> str:
         return f"HttpLabeler({self.url})"  # never the token
 
-    def __call__(self, prompt: str, completions: list[str]) -> list[int]:
+    def __call__(self, prompt: str, completions: list[str]) -> tuple[list[int], list[int]]:
         body = json.dumps({"prompt": prompt, "completions": completions}).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:
@@ -74,8 +80,8 @@ class HttpLabeler:
             req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
-                    ranking = json.loads(r.read())["ranking"]
-                return [int(i) for i in ranking]
+                    reply = json.loads(r.read())
+                return [int(i) for i in reply["ranking"]], [int(p) for p in reply.get("ties", [])]
             except urllib.error.HTTPError as e:
                 last = e
                 if e.code < 500 and e.code != 429:
@@ -137,10 +143,10 @@ class LabelerThread:
                 if status != 200:
                     self._stop.wait(self.poll_s)
                     continue
-                ranking = self.ranker(task["prompt"], task["completions"])
+                ranking, ties = self.ranker(task["prompt"], task["completions"])
                 status, reply = self._request("/api/rankings", {
                     "task_id": task["task_id"], "policy_version": task["policy_version"],
-                    "labeler": self.name, "ranking": ranking})
+                    "labeler": self.name, "ranking": ranking, "ties": ties})
                 if status == 200:
                     self.counts["labeled"] += 1
                 else:

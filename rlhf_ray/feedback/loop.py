@@ -2,12 +2,14 @@
 
 The trainer calls :meth:`FeedbackLoop.after_step` once per step (and saves/loads its state
 with every checkpoint). Every ``feedback.every`` steps it samples ``prompts_per_round`` prompts
-and ``k`` fresh completions each from the rollout engines (the current policy, tagged with its
+and up to ``k`` distinct fresh completions each from the rollout engines (the current policy, tagged with its
 weight version) and hands them to the feedback service as labeling tasks. Labels arrive in the
 background (people on the page, or a machine labeler thread); training never waits for them
 unless ``feedback.wait=true`` (then each round waits until its tasks are labeled). Once ``min_labels`` new comparisons are in, the reward model's
 DeepSpeed group (warm: it holds the deployed version's weights and optimizer state) trains on
-all comparisons so far except the held-out ones (every ``heldout_every``-th), and the candidate
+the preference pairs of the comparisons so far except the held-out ones (every
+``heldout_every``-th ranking; pairs inside a tie are left out): those the deployed version has
+not learned from, plus ``replay`` times as many drawn from the older ones; and the candidate
 is compared with the deployed version on the held-out comparisons (pairwise accuracy, the same
 evaluation as ``python -m rlhf_ray.reward_model``). A better-or-equal candidate becomes the next
 version and every reward worker loads it in place; a worse one is discarded (the group goes
@@ -36,6 +38,23 @@ log = logging.getLogger(__name__)
 MAX_RM_LEN = 4096  # rows are prompt + completion text; the model's own limit applies
 
 
+def as_pairs(comparisons) -> tuple[list[str], list[list[str]]]:
+    """Every ranking as its ``C(k, 2)`` ``[better, worse]`` pairs (prompts repeated alongside),
+    minus the pairs inside a tied group: tasks rank 2..k completions, and the reward model's
+    batches need one k. The pair loss is the ranking loss (``algo.losses.ranking_loss``
+    averages over the same pairs)."""
+    from rlhf_ray.algo.losses import ranking_pairs
+
+    prompts, pairs = [], []
+    for c in comparisons:
+        for i, j in ranking_pairs(len(c.ranked)):
+            if all(p in c.ties for p in range(i, j)):
+                continue  # i ~ i+1 ~ ... ~ j: no preference
+            prompts.append(c.prompt)
+            pairs.append([c.ranked[i], c.ranked[j]])
+    return prompts, pairs
+
+
 class FeedbackLoop:
     def __init__(self, cfg: Config, groups, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
                  run_dir: Path):
@@ -44,7 +63,8 @@ class FeedbackLoop:
         self.dir = Path(run_dir).absolute() / "feedback"
         self.db_path = Path(self.f.db_path).absolute() if self.f.db_path else self.dir / "labels.db"
         self.version, self.version_path = 0, cfg.reward.model_path
-        self.trained_through = 0  # comparisons with id <= this went into the deployed version
+        self.trained_through = 0  # comparisons with id <= this went into a retraining (deployed or not)
+        self.deployed_through = 0  # comparisons with id <= this went into the deployed version
         self.heldout_accuracy = math.nan
         self.counts = {"rejected_versions": 0, "wait_timeouts": 0, "rounds": 0, "worker_reloads": 0,
                        "skipped_prompts": 0}
@@ -108,10 +128,11 @@ class FeedbackLoop:
         return m
 
     def send_round(self, step: int, weight_version: int) -> None:
-        """``prompts_per_round`` prompts x ``k`` distinct fresh completions of the current policy,
-        as tasks. 2k are sampled per prompt and the first k distinct texts kept (a prompt with
-        fewer is skipped): identical completions cannot be ranked, and their random order would
-        only teach the reward model noise."""
+        """``prompts_per_round`` prompts x up to ``k`` distinct fresh completions of the current
+        policy, as tasks. 2k are sampled per prompt and the first k distinct texts kept; a prompt
+        with fewer than 2 distinct ones is skipped (identical completions cannot be ranked, and
+        their random order would only teach the reward model noise). Requiring all k would skip
+        most prompts of a policy that has sharpened, exactly the one whose blind spots need labels."""
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
         picked = torch.randperm(len(self.prompts), generator=gen)[: self.f.prompts_per_round].tolist()
         samples = self.g.rollout.generate([self.prompt_ids[i] for i in picked], seed=self.cfg.seed + 31 * step,
@@ -122,7 +143,7 @@ class FeedbackLoop:
             text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
             if text not in texts and len(texts) < self.f.k:
                 texts.append(text)
-        rows = [(self.prompts[picked[i]], texts) for i, texts in sorted(distinct.items()) if len(texts) == self.f.k]
+        rows = [(self.prompts[picked[i]], texts) for i, texts in sorted(distinct.items()) if len(texts) >= 2]
         self.counts["skipped_prompts"] += len(picked) - len(rows)
         if rows:
             ray.get(self.service.add_tasks.remote(rows, weight_version), timeout=self.cfg.cluster.call_timeout_s)
@@ -145,35 +166,35 @@ class FeedbackLoop:
 
     # ------------------------------------------------------------------ reward model
     def retrain(self) -> dict[str, float]:
-        """Warm-start training on every comparison so far; swap in if held-out accuracy holds."""
+        """Warm-start training on the comparisons so far (new ones plus a replay of older ones,
+        :meth:`replay_mix`); swap in if held-out accuracy holds."""
         from rlhf_ray.reward_model import summarize
         from rlhf_ray.workers.supervised import encode_rankings
 
         comparisons = ray.get(self.service.comparisons.remote(0), timeout=self.cfg.cluster.call_timeout_s)
-        held = [c for c in comparisons if c.id % self.f.heldout_every == 0]
+        held = [c for c in comparisons if c.id % self.f.heldout_every == 0]  # whole rankings: no pair leaks
         train = [c for c in comparisons if c.id % self.f.heldout_every]
         lc = self.f.learner
         rows_per_step = lc.num_ranks * lc.micro_batch_size
-        if len(train) < rows_per_step or len(held) < lc.num_ranks:
+
+        train_pairs, held_pairs = self.replay_mix(train), as_pairs(held)
+        if len(train_pairs[0]) < rows_per_step or len(held_pairs[0]) < lc.num_ranks:
             return {}  # not enough yet: try again when more have arrived
-
-        def encode(cs):
-            return encode_rankings(self.tokenizer, [c.prompt for c in cs], [c.ranked for c in cs], MAX_RM_LEN,
-                                   "feedback comparisons")
-
-        train_batch, held_batch = encode(train), encode(held)
+        train_batch, held_batch = (encode_rankings(self.tokenizer, prompts, pairs, MAX_RM_LEN, "feedback comparisons")
+                                   for prompts, pairs in (train_pairs, held_pairs))
         before = summarize(self.rm.evaluate(held_batch))["eval/accuracy"]
         self.rm.save_checkpoint(str(self.dir / "deployed"))
-        steps = len(train) // rows_per_step
+        steps = len(train_batch) // rows_per_step
         metrics: dict[str, float] = {}
         for epoch in range(self.f.rm_epochs):
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            order = torch.randperm(len(train_batch), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
             metrics = self.rm.train(train_batch.select(order[: steps * rows_per_step]), steps)
         after = summarize(self.rm.evaluate(held_batch))["eval/accuracy"]
         self.trained_through = comparisons[-1].id
         accepted = after >= before + self.f.min_accuracy_gain
         if accepted:
             self.version += 1
+            self.deployed_through = self.trained_through
             path = self.dir / f"reward_model_v{self.version}"
             self.rm.save_hf(str(path))
             self.tokenizer.save_pretrained(str(path))
@@ -183,10 +204,23 @@ class FeedbackLoop:
             self.rm.load_checkpoint(str(self.dir / "deployed"))
             self.counts["rejected_versions"] += 1
             self.heldout_accuracy = before
-        log.info("reward model retrained on %d comparisons (%d held out): accuracy %.3f -> %.3f, %s", len(train),
+        log.info("reward model retrained on %d rankings (%d held out): accuracy %.3f -> %.3f, %s", len(train),
                  len(held), before, after, f"now version {self.version}" if accepted else "kept the current version")
         return {"reward_model/candidate_accuracy": after, "reward_model/loss": metrics.get("reward_model/loss", math.nan),
-                "reward_model/train_comparisons": float(len(train))}
+                "reward_model/train_comparisons": float(len(train)), "reward_model/train_pairs": float(len(train_batch))}
+
+    def replay_mix(self, train: list) -> tuple[list[str], list[list[str]]]:
+        """The pairs of the comparisons the deployed version has not learned from, plus ``replay``
+        times as many pairs drawn afresh from the older ones. Warm-started training that passed
+        over every old comparison again at each retraining would fit them a few more epochs each
+        time: in the demo every candidate after the fifth version was worse on held-out pairs
+        than the deployed one (and rejected), so the reward model froze while the policy moved."""
+        new_prompts, new_pairs = as_pairs([c for c in train if c.id > self.deployed_through])
+        old_prompts, old_pairs = as_pairs([c for c in train if c.id <= self.deployed_through])
+        n = min(len(old_pairs), round(self.f.replay * len(new_pairs)))
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.trained_through)
+        picked = torch.randperm(len(old_pairs), generator=gen)[:n].tolist()
+        return new_prompts + [old_prompts[i] for i in picked], new_pairs + [old_pairs[i] for i in picked]
 
     def swap(self, path: str, version: int) -> None:
         """Every reward worker loads version ``version`` in place."""
@@ -212,6 +246,7 @@ class FeedbackLoop:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {"version": self.version, "trained_through": self.trained_through,
+                "deployed_through": self.deployed_through,
                 "heldout_accuracy": None if math.isnan(self.heldout_accuracy) else self.heldout_accuracy,
                 "counts": dict(self.counts)}
 
@@ -242,6 +277,7 @@ class FeedbackLoop:
             shutil.copy2(path / "labels.db", self.db_path)
         self.start()
         self.version, self.trained_through = state["version"], state["trained_through"]
+        self.deployed_through = state.get("deployed_through", self.trained_through)  # older checkpoints: all learned
         self.heldout_accuracy = math.nan if state["heldout_accuracy"] is None else state["heldout_accuracy"]
         self.counts.update(state["counts"])
         self.rm.load_checkpoint(str(path / "reward_model"))

@@ -12,8 +12,8 @@ needs ``Authorization: Bearer <token>`` when the service has a token (always whe
 non-loopback address). The page itself (``GET /``) carries no data and needs none.
 
 - ``GET /api/task?labeler=ID`` -> 200 ``{task_id, policy_version, prompt, completions, expires}``, 204 none open
-- ``POST /api/rankings`` ``{task_id, policy_version, labeler, ranking}`` -> 200 ``{comparison_id}``;
-  400 bad ranking, 404 unknown task, 409 wrong policy version / already labeled, 410 expired
+- ``POST /api/rankings`` ``{task_id, policy_version, labeler, ranking[, ties]}`` -> 200 ``{comparison_id}``;
+  400 bad ranking or ties, 404 unknown task, 409 wrong policy version / already labeled, 410 expired
 - ``GET /api/progress`` -> 200 ``{tasks, labeled, open, comparisons, policy_version}``
 """
 
@@ -106,7 +106,8 @@ def _handler(server: FeedbackServer) -> type[BaseHTTPRequestHandler]:
             if missing:
                 return self._json(400, {"error": f"missing field(s): {', '.join(missing)}"})
             try:
-                cid = server.store.submit(body["task_id"], body["ranking"], body["policy_version"], body["labeler"])
+                cid = server.store.submit(body["task_id"], body["ranking"], body["policy_version"], body["labeler"],
+                                          body.get("ties", []))
             except RankingError as e:
                 return self._json(e.status, {"error": str(e)})
             return self._json(200, {"comparison_id": cid})

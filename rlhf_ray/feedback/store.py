@@ -6,9 +6,11 @@ one transaction committed before the service answers, so an acknowledged label s
 SIGKILL of the service (tests/feedback/test_service.py kills it and reopens the file).
 
 A task is a prompt and K completions sampled from the policy at ``policy_version``. A
-comparison is a task's completions ranked best -> worst by one labeler. Each task takes one
-comparison; a submission is checked completely (task known, not expired, policy version,
-ranking a permutation of ``range(K)``) before anything is written.
+comparison is a task's completions ranked best -> worst by one labeler, optionally with ties
+(``ties``: positions p in the ranking whose completion is as good as the one at p + 1; the
+pairs inside a tied group say nothing about preference). Each task takes one comparison; a
+submission is checked completely (task known, not expired, policy version, ranking a
+permutation of ``range(K)``, ties valid positions) before anything is written.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ CREATE TABLE IF NOT EXISTS comparisons (
     policy_version INTEGER NOT NULL,
     labeler TEXT NOT NULL,
     ranking TEXT NOT NULL,              -- JSON list: indices into the task's completions, best -> worst
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    ties TEXT NOT NULL DEFAULT '[]'     -- JSON list of ranking positions p tied with p + 1
 );
 """
 
@@ -61,6 +64,7 @@ class Comparison:
     policy_version: int
     labeler: str
     created: float
+    ties: tuple[int, ...] = ()  # positions p in ``ranked`` as good as p + 1
 
 
 class LabelStore:
@@ -75,6 +79,9 @@ class LabelStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # fsync at every commit: acknowledged = on disk
         self._db.executescript(SCHEMA)
+        columns = [r[1] for r in self._db.execute("PRAGMA table_info(comparisons)")]
+        if "ties" not in columns:  # a database written before ties existed
+            self._db.execute("ALTER TABLE comparisons ADD COLUMN ties TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         with self._lock:
@@ -103,10 +110,12 @@ class LabelStore:
         return {"task_id": row[0], "prompt": row[1], "completions": json.loads(row[2]), "policy_version": row[3],
                 "expires": row[4]}
 
-    def submit(self, task_id: str, ranking: list, policy_version: int, labeler: str) -> int:
-        """Store a ranking (indices best -> worst); returns the comparison id. Raises
-        ``RankingError`` (nothing stored) for an unknown, expired or already labeled task, a
-        wrong policy version, or a ranking that is not a permutation of the task's K indices."""
+    def submit(self, task_id: str, ranking: list, policy_version: int, labeler: str, ties: list | None = None) -> int:
+        """Store a ranking (indices best -> worst; ``ties``: positions p tied with p + 1); returns
+        the comparison id. Raises ``RankingError`` (nothing stored) for an unknown, expired or
+        already labeled task, a wrong policy version, a ranking that is not a permutation of the
+        task's K indices, or ties that are not distinct positions 0..K-2."""
+        ties = [] if ties is None else ties
         if not isinstance(labeler, str) or not labeler.strip():
             raise RankingError(400, "labeler: a non-empty string is required")
         with self._lock:
@@ -123,11 +132,13 @@ class LabelStore:
                 raise RankingError(409, f"task {task_id!r}: policy_version {policy_version!r} does not match the "
                                         f"task's {row[1]}")
             check_ranking(ranking, k)
+            check_ties(ties, k)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._db.execute(
-                    "INSERT INTO comparisons (task_id, policy_version, labeler, ranking, created) VALUES (?, ?, ?, ?, ?)",
-                    (task_id, row[1], labeler.strip(), json.dumps(ranking), time.time()))
+                    "INSERT INTO comparisons (task_id, policy_version, labeler, ranking, created, ties)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", (task_id, row[1], labeler.strip(), json.dumps(ranking), time.time(),
+                                                   json.dumps(sorted(ties))))
                 self._db.execute("UPDATE tasks SET labeled = 1 WHERE task_id = ?", (task_id,))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -139,14 +150,15 @@ class LabelStore:
         """Stored comparisons with ``id > after_id``, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.id, c.task_id, t.prompt, t.completions, c.ranking, c.policy_version, c.labeler, c.created "
+                "SELECT c.id, c.task_id, t.prompt, t.completions, c.ranking, c.policy_version, c.labeler, c.created, "
+                "c.ties "
                 "FROM comparisons c JOIN tasks t ON t.task_id = c.task_id WHERE c.id > ? ORDER BY c.id",
                 (after_id,)).fetchall()
         out = []
-        for cid, task_id, prompt, completions, ranking, version, labeler, created in rows:
+        for cid, task_id, prompt, completions, ranking, version, labeler, created, ties in rows:
             completions = json.loads(completions)
             out.append(Comparison(cid, task_id, prompt, [completions[i] for i in json.loads(ranking)], version,
-                                  labeler, created))
+                                  labeler, created, tuple(json.loads(ties))))
         return out
 
     def progress(self) -> dict[str, int]:
@@ -169,3 +181,12 @@ def check_ranking(ranking, k: int) -> None:
         raise RankingError(400, f"ranking: duplicate indices in {ranking}")
     if not all(0 <= i < k for i in ranking):
         raise RankingError(400, f"ranking: indices must be in 0..{k - 1}, got {ranking}")
+
+
+def check_ties(ties, k: int) -> None:
+    """Ties are distinct ranking positions ``p`` in ``0..k-2`` (the completion at ``p`` is as good
+    as the one at ``p + 1``)."""
+    if not isinstance(ties, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in ties):
+        raise RankingError(400, "ties: a list of ranking positions is required")
+    if len(set(ties)) != len(ties) or not all(0 <= p < k - 1 for p in ties):
+        raise RankingError(400, f"ties: distinct positions in 0..{k - 2} (p = tied with p + 1), got {ties}")

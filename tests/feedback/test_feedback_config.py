@@ -26,6 +26,7 @@ def test_defaults_are_valid_and_plan_adds_the_reward_model_group():
     ("feedback.labeler=robot", "feedback.labeler"),
     ("feedback.ai_noise=1.5", "feedback.ai_noise"),
     ("feedback.heldout_every=1", "feedback.heldout_every"),
+    ("feedback.replay=-1", "feedback.replay"),
     ("feedback.wait_timeout_s=0", "feedback.wait_timeout_s"),
     ("feedback.labeler=http", "feedback.labeler_url"),
     ("feedback.port=70000", "feedback.port"),

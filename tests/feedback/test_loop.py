@@ -24,7 +24,10 @@ LOOP = ["algo=grpo", "reward=model", "rollout.num_engines=1", "policy.num_ranks=
         "feedback.k=3", "feedback.min_labels=8", "feedback.wait=true", "feedback.wait_timeout_s=120",
         "feedback.heldout_every=4", "feedback.learner.micro_batch_size=2", "feedback.rm_epochs=1",
         "feedback.min_accuracy_gain=-1.0", "feedback.token_env=FB_TEST_TOKEN", "trainer.total_steps=3",
-        "trainer.save_every=2"]
+        "trainer.save_every=2",
+        # random rankings: the untrained tiny policy's completions nearly all score 0 with the gold
+        # labeler, and tied completions are no preference (nothing to train on)
+        "feedback.ai_noise=1.0"]
 
 
 def tiny_model(cache_dir: Path) -> str:
@@ -85,9 +88,12 @@ def test_reward_worker_swaps_the_model_in_place(cache_dir, tmp_path):
 
 def test_ai_labeler_ranks_by_gold_and_noise_shuffles():
     exact = AILabeler(noise=0.0, seed=1)
-    assert exact("rev abc=", ["abc", "cba", "cbb"]) == [1, 2, 0]  # gold 1/3, 1, 2/3
+    assert exact("rev abc=", ["abc", "cba", "cbb"]) == ([1, 2, 0], [])  # gold 1/3, 1, 2/3
+    # gold 1, 2/3, 2/3, 1/3: the two 2/3 (either order) are reported tied (positions 1 and 2)
+    ranking, ties = exact("rev abc=", ["cba", "cbb", "caa", "abc"])
+    assert ranking in ([0, 1, 2, 3], [0, 2, 1, 3]) and ties == [1]
     noisy = AILabeler(noise=1.0, seed=1)
-    rankings = {tuple(noisy("rev abcd=", ["dcba", "dcbb", "dcaa", "abcd"])) for _ in range(30)}
+    rankings = {tuple(noisy("rev abcd=", ["dcba", "dcbb", "dcaa", "abcd"])[0]) for _ in range(30)}
     assert len(rankings) > 5
 
 
@@ -121,7 +127,7 @@ class SlowJudge:
 
 def test_http_labeler_timeouts_are_counted_and_never_block(tmp_path):
     judge = SlowJudge(delay=0.0)
-    assert HttpLabeler(judge.url)("p", ["a", "b", "c"]) == [2, 1, 0]
+    assert HttpLabeler(judge.url)("p", ["a", "b", "c"]) == ([2, 1, 0], [])  # no "ties" in the reply: none
     judge.delay = 2.0
     with pytest.raises(LabelerTimeout):
         HttpLabeler(judge.url, timeout_s=0.2, retries=2)("p", ["a", "b"])
@@ -229,3 +235,36 @@ def test_a_worse_candidate_is_not_swapped_in(ray_cluster, tmp_path, cache_dir):
     finally:
         store.close()
         ray.kill(loop.service)
+
+
+def test_rankings_of_any_size_become_their_pairs():
+    from rlhf_ray.feedback.loop import as_pairs
+    from rlhf_ray.feedback.store import Comparison
+
+    three = Comparison(1, "t1", "rev abc=", ["cba", "cbb", "abc"], 0, "ai", 0.0)
+    two = Comparison(2, "t2", "rev ab=", ["ba", "ab"], 0, "ai", 0.0)
+    prompts, pairs = as_pairs([three, two])
+    assert prompts == ["rev abc="] * 3 + ["rev ab="]
+    assert pairs == [["cba", "cbb"], ["cba", "abc"], ["cbb", "abc"], ["ba", "ab"]]
+    # ties at positions 1 and 2: "b" ~ "c" ~ "d" -> only the pairs with "a" are preferences
+    tied = Comparison(3, "t3", "rev x=", ["a", "b", "c", "d"], 0, "ai", 0.0, ties=(1, 2))
+    assert as_pairs([tied])[1] == [["a", "b"], ["a", "c"], ["a", "d"]]
+    assert as_pairs([Comparison(4, "t4", "rev x=", ["a", "b", "c"], 0, "ai", 0.0, ties=(0,))])[1] == \
+        [["a", "c"], ["b", "c"]]
+
+
+def test_retraining_takes_the_new_comparisons_and_replays_as_many_old_pairs(tmp_path):
+    from rlhf_ray.feedback.loop import FeedbackLoop
+    from rlhf_ray.feedback.store import Comparison
+
+    cfg = compose(["reward=model", "reward.model_path=rm", "feedback.enabled=true", "feedback.replay=1.0"])
+    loop = FeedbackLoop(cfg, None, None, ["rev ab="], [[1]], tmp_path)
+    old = [Comparison(i, f"t{i}", f"rev {i}=", [f"o{i}", f"p{i}"], 0, "ai", 0.0) for i in range(1, 7)]
+    new = [Comparison(i, f"t{i}", f"rev {i}=", [f"n{i}", f"m{i}"], 1, "ai", 0.0) for i in range(7, 9)]
+    loop.deployed_through, loop.trained_through = 6, 6
+    prompts, pairs = loop.replay_mix(old + new)
+    assert pairs[:2] == [["n7", "m7"], ["n8", "m8"]]  # every new pair, first
+    assert len(pairs) == 4 and all(p[0].startswith("o") for p in pairs[2:])  # 2 old ones replayed
+    assert len(set(prompts)) == 4
+    loop.deployed_through = 0  # nothing deployed yet: all are new, none replayed
+    assert len(loop.replay_mix(old + new)[1]) == 8

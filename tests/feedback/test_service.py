@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from rlhf_ray.feedback.service import FeedbackServer
-from rlhf_ray.feedback.store import LabelStore
+from rlhf_ray.feedback.store import SCHEMA, LabelStore
 
 TOKEN = "s3cret-t0ken"
 
@@ -48,6 +48,7 @@ def test_task_ranking_progress_round_trip(server):
     assert status == 200 and reply["comparison_id"] == 1
     (c,) = server.store.comparisons()
     assert (c.prompt, c.ranked, c.policy_version, c.labeler) == ("rev abc=", ["cba", "cbb", "abc"], 3, "ann")
+    assert c.ties == ()  # none given
     assert call(server.url, "/api/task")[0] == 204  # the only task is labeled
     status, p = call(server.url, "/api/progress")
     assert status == 200 and (p["tasks"], p["labeled"], p["open"], p["comparisons"]) == (1, 1, 0, 1)
@@ -61,6 +62,9 @@ def test_task_ranking_progress_round_trip(server):
     ({"task_id": "nope"}, 404, "unknown task"),
     ({"policy_version": 2}, 409, "policy_version 2"),
     ({"labeler": ""}, 400, "labeler"),
+    ({"ties": [2]}, 400, "0..1"),  # position 2 is the last: nothing after it to tie with
+    ({"ties": [0, 0]}, 400, "distinct"),
+    ({"ties": 0}, 400, "list of ranking positions"),
 ])
 def test_malformed_rankings_are_refused_and_store_nothing(server, change, status, message):
     (task_id,) = server.store.add_tasks([("rev abc=", ["cba", "abc", "cbb"])], policy_version=3)
@@ -110,3 +114,21 @@ def test_store_reopens_with_everything(tmp_path):
     again = LabelStore(tmp_path / "l.db")
     assert [c.ranked for c in again.comparisons()] == [["ba", "ab"]]
     assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_ties_are_stored_and_an_old_database_gains_the_column(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "old.db")  # the schema before ties existed, one label in it
+    old.executescript(SCHEMA.replace(",\n    ties TEXT NOT NULL DEFAULT '[]'     -- JSON list of ranking positions p tied with "
+                                     "p + 1", ""))
+    old.execute("INSERT INTO tasks VALUES ('t0', 'rev ab=', '[\"ba\", \"ab\"]', 1, 0, 1e12, 1)")
+    old.execute("INSERT INTO comparisons (task_id, policy_version, labeler, ranking, created) "
+                "VALUES ('t0', 1, 'ann', '[0, 1]', 0)")
+    old.commit()
+    old.close()
+    store = LabelStore(tmp_path / "old.db")
+    (t,) = store.add_tasks([("rev abc=", ["cba", "cbb", "caa"])], policy_version=1)
+    store.submit(t, [0, 2, 1], 1, "bot", ties=[1])
+    assert [(c.ranked, c.ties) for c in store.comparisons()] == [(["ba", "ab"], ()), (["cba", "caa", "cbb"], (1,))]
+    store.close()
