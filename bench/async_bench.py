@@ -1,9 +1,17 @@
 """Benchmark: synchronous steps vs the actor-learner mode (``trainer.max_staleness`` 1 and 2), on
-the default topology and with a slow reward (an HTTP reward service on loopback that answers
-after 300 ms per request). Prints steps/s, completions/s and busy fractions; asserts nothing.
+the default topology and with a slow reward. Prints steps/s, completions/s and busy fractions;
+asserts nothing.
+
+The slow reward is a remote judge: an HTTP reward service on loopback that answers 300 ms after
+each request, asked for one completion per request (``reward.batch_size=1``) with at most 8
+requests in flight (``reward.max_concurrency=8``), as a hosted LLM judge scores one completion
+per call over a limited number of connections. 64 completions a step then take ~2.4 s of
+reward latency: the synchronous step waits for it, the actor-learner mode scores each engine's
+share as it arrives while the learner trains.
 
     python bench/async_bench.py                      # both settings, staleness 0,1,2, 6 steps each
     python bench/async_bench.py --settings slow_reward --staleness 0,1 --steps 8 -- algo=grpo
+    python bench/async_bench.py --settings slow_reward --judge-batch 4 --judge-concurrency 2
 
 One set of worker groups per setting serves every staleness (start-up is not what is measured);
 the first step of every run (warm-up, pipeline fill) is left out of the rates.
@@ -100,6 +108,7 @@ def run_setting(overrides: list[str], staleness: list[int], steps: int, cache: P
                 "staleness_mean": mean("rollout/staleness_mean"),
                 "staleness_max": max(r["rollout/staleness_max"] for r in warm),
                 "reward_wait_s": mean("timing/reward"), "rollout_wait_s": mean("timing/rollout"),
+                "load": os.getloadavg()[0],
             })
     finally:
         groups.shutdown()
@@ -113,7 +122,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--staleness", default="0,1,2")
     p.add_argument("--settings", default="default,slow_reward")
-    p.add_argument("--reward-delay-ms", type=float, default=300.0)
+    p.add_argument("--reward-delay-ms", type=float, default=300.0, help="the judge's latency per request")
+    p.add_argument("--judge-batch", type=int, default=1, help="completions per request to the judge")
+    p.add_argument("--judge-concurrency", type=int, default=8, help="requests to the judge in flight")
     p.add_argument("--cache", default=".cache/rlhf_ray")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     a = p.parse_args()
@@ -124,21 +135,23 @@ def main() -> None:
         server = None
         if setting == "slow_reward":
             server = SlowRewardServer(a.reward_delay_ms / 1000)
-            extra += ["reward=http", f"reward.url={server.url}", "reward.token_env="]
+            extra += ["reward=http", f"reward.url={server.url}", "reward.token_env=",
+                      f"reward.batch_size={a.judge_batch}", f"reward.max_concurrency={a.judge_concurrency}"]
         try:
             table[setting] = run_setting(extra, staleness, a.steps, Path(a.cache).absolute())
         finally:
             if server is not None:
                 server.close()
-    print(f"\nsteady state (steps 2..{a.steps}); machine load {os.getloadavg()[0]:.1f} (1-min average)")
+    print(f"\nsteady state (steps 2..{a.steps}); machine load {os.getloadavg()[0]:.1f} (1-min average); slow reward: "
+          f"{a.reward_delay_ms:.0f} ms/request, {a.judge_batch} completion(s)/request, {a.judge_concurrency} in flight")
     print(f"{'setting':>12} {'k':>2} {'steps/s':>8} {'compl/s':>8} {'x sync':>7} {'roll busy':>9} {'learn busy':>10} "
-          f"{'stale mean':>10} {'max':>4} {'reward wait':>11}")
+          f"{'stale mean':>10} {'max':>4} {'reward wait':>11} {'load':>5}")
     for setting, rows in table.items():
         sync = next((r["completions_per_s"] for r in rows if r["k"] == 0), float("nan"))
         for r in rows:
             print(f"{setting:>12} {r['k']:>2} {r['steps_per_s']:>8.3f} {r['completions_per_s']:>8.1f} "
                   f"{r['completions_per_s'] / sync:>7.2f} {r['rollout_busy']:>9.2f} {r['learner_busy']:>10.2f} "
-                  f"{r['staleness_mean']:>10.2f} {r['staleness_max']:>4.0f} {r['reward_wait_s']:>11.3f}")
+                  f"{r['staleness_mean']:>10.2f} {r['staleness_max']:>4.0f} {r['reward_wait_s']:>11.3f} {r['load']:>5.1f}")
 
 
 if __name__ == "__main__":

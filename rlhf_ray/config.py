@@ -152,6 +152,10 @@ class RewardConfig:
     """per-request timeout of the reward service"""
     retries: int = 3
     """attempts per request to the reward service"""
+    batch_size: int = 32
+    """completions per request to the reward service (http) or per forward pass (model)"""
+    max_concurrency: int = 4
+    """requests to the reward service in flight at once, per reward worker (http)"""
     num_workers: int = 1
     """reward workers scoring in parallel"""
     gold_function: str = "rlhf_ray.data.task:gold_reward"
@@ -268,6 +272,8 @@ class SyncConfig:
     """warn when |vLLM - learner| logprob difference after a sync exceeds this"""
     check_samples: int = 4
     """sequences used for the post-sync logprob spot check"""
+    timeout_s: float = 60.0
+    """collective backend: seconds a transfer may wait for a peer before it fails (the group's timeout)"""
 
 
 @dataclass
@@ -338,6 +344,18 @@ class TrainerConfig:
     """0 = synchronous steps; k >= 1 = engines generate ahead, no trained token more than k versions old"""
     wandb: bool = False
     """also log metrics to Weights & Biases (needs `pip install wandb`; project from WANDB_PROJECT)"""
+
+
+# Token-budget micro-batches by default for the RL learners (and the reference, which follows the
+# policy): one forward/backward over a whole minibatch of short sequences instead of several small
+# ones, which on CPU run far below the matmul peak (bench/throughput.py, README Performance). 4096
+# padded tokens hold the default minibatches whole and keep the 25.4M benchmark model's
+# activations near 2 GB; set micro_batch_size rows instead with max_tokens_per_micro_batch=0.
+RL_TOKENS_PER_MICRO_BATCH = 4096
+
+
+def _rl_learner() -> LearnerConfig:
+    return LearnerConfig(max_tokens_per_micro_batch=RL_TOKENS_PER_MICRO_BATCH)
 
 
 def _feedback_learner() -> LearnerConfig:
@@ -411,8 +429,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    policy: LearnerConfig = field(default_factory=LearnerConfig)
-    critic: LearnerConfig = field(default_factory=LearnerConfig)
+    policy: LearnerConfig = field(default_factory=_rl_learner)
+    critic: LearnerConfig = field(default_factory=_rl_learner)
     sync: SyncConfig = field(default_factory=SyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -563,8 +581,9 @@ def _reward_errors(rw: RewardConfig) -> list[str]:
         e.append(f"reward.function: expected 'module:callable', got {rw.function!r}")
     if rw.kind == "http":
         e += _http_errors(rw)
-    if rw.num_workers < 1:
-        e.append(f"reward.num_workers: must be >= 1, got {rw.num_workers}")
+    for key in ("num_workers", "batch_size", "max_concurrency", "retries"):
+        if getattr(rw, key) < 1:
+            e.append(f"reward.{key}: must be >= 1, got {getattr(rw, key)}")
     return e
 
 
@@ -603,6 +622,8 @@ def _misc_errors(cfg: Config) -> list[str]:
         e.append(f"data.max_prompt_len: must be >= 1, got {cfg.data.max_prompt_len}")
     if cfg.sync.bucket_mb <= 0:
         e.append(f"sync.bucket_mb: must be > 0, got {cfg.sync.bucket_mb}")
+    if cfg.sync.timeout_s <= 0:
+        e.append(f"sync.timeout_s: must be > 0, got {cfg.sync.timeout_s}")
     lora = cfg.model.lora
     if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
         e.append(f"model.lora: need rank >= 0, alpha > 0, 0 <= dropout < 1, got {lora.rank}/{lora.alpha}/{lora.dropout}")

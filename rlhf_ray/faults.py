@@ -2,7 +2,9 @@
 
 ``RLHF_RAY_FAULTS="rollout-1@generate#2=exit,driver@checkpoint#2=kill"`` makes worker
 ``rollout-1`` exit abruptly in its 2nd ``generate`` call and the driver SIGKILL itself while
-writing its 2nd checkpoint. Each fault fires once per run: a marker file in
+writing its 2nd checkpoint; ``storage@upload:s3://b/run/checkpoints/step_00000002/policy#1=kill``
+kills the process uploading that directory after its first file (rlhf_ray/storage.py). Each
+fault fires once per run: a marker file in
 ``RLHF_RAY_FAULTS_DIR`` remembers it across the restarts it causes. Counting is per process.
 """
 

@@ -111,8 +111,8 @@ class RolloutGroup(Group):
         refs = [w.weight_version.remote() for w in self.workers]
         return wait(refs, self.names, "rollout.weight_version", timeout_s or self.timeout_s)
 
-    def init_weight_group(self, host: str, port: int, tp: int) -> list:
-        return [w.init_weight_group.remote(host, port, 1 + i * tp, 1 + len(self.workers) * tp)
+    def init_weight_group(self, host: str, port: int, tp: int, timeout_s: float) -> list:
+        return [w.init_weight_group.remote(host, port, 1 + i * tp, 1 + len(self.workers) * tp, timeout_s)
                 for i, w in enumerate(self.workers)]
 
     def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None,
@@ -228,11 +228,12 @@ class PolicyGroup(DeepSpeedGroup):
     def weight_manifest(self) -> list[TensorMeta]:
         return self.get([self.workers[0].weight_manifest.remote()], "weight_manifest")[0]
 
-    def weight_group_address(self, world_size: int) -> tuple[str, int]:
-        return self.get([self.workers[0].weight_group_address.remote(world_size)], "weight_group_address")[0]
+    def weight_group_address(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        ref = self.workers[0].weight_group_address.remote(world_size, timeout_s)
+        return self.get([ref], "weight_group_address")[0]
 
-    def init_weight_group(self, world_size: int) -> list:
-        return [self.workers[0].init_weight_group.remote(world_size)]
+    def init_weight_group(self, world_size: int, timeout_s: float) -> list:
+        return [self.workers[0].init_weight_group.remote(world_size, timeout_s)]
 
     def send_weights(self, plan: list[list[TensorMeta]], use_object_store: bool) -> list:
         return [w.send_weights.remote(plan, use_object_store) for w in self.workers]

@@ -58,14 +58,16 @@ def uri_error(uri: str) -> str:
 
 
 def upload(local: str | Path, uri: str) -> list[str]:
-    """Copy every file under ``local`` to ``uri/<relative path>``; returns the relative paths."""
+    """Copy every file under ``local`` to ``uri/<relative path>`` (sorted by path); returns the
+    relative paths. Fault point ``storage@upload:<uri>#n`` fires after the n-th file of an upload
+    to ``uri`` (e.g. a checkpoint's ``.../step_00000002/policy``), in whichever process uploads it."""
     fs, root = _fs(uri)
     done = []
     for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
         rel = path.relative_to(local).as_posix()
         fs.put_file(str(path), f"{root.rstrip('/')}/{rel}")
         done.append(rel)
-        maybe_fail("storage", "upload")
+        maybe_fail("storage", f"upload:{uri}")
     return done
 
 

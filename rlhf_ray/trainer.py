@@ -327,6 +327,8 @@ class Trainer:
         if self.feedback is not None:  # a local checkpoint dir (config_errors refuses URIs with feedback)
             self.feedback.save(Path(storage.join(path, "feedback")))
         ckpt.write_driver_state(path, self.state_dict())
+        if self.output_root != str(self.run_dir):  # a URI: the metrics so far, before the marker,
+            storage.upload(self.run_dir, self.output_root)  # so a resumed job in a new directory has them
         maybe_fail("driver", "checkpoint")
         ckpt.mark_complete(path, self.step_index)  # last: only now does the checkpoint count
         ckpt.prune(self.checkpoint_root, self.cfg.trainer.keep_checkpoints)
@@ -354,8 +356,16 @@ class Trainer:
             self.moments.load_state_dict(state["reward_moments"])
         if self.feedback is not None and state.get("feedback"):
             self.feedback.load(Path(storage.join(path, "feedback")), state["feedback"])
+        self._fetch_metrics()
         self.sync.push(self.weight_version)  # engines start from the initial weights: re-send
         log.info("resumed from %s at step %d (weights v%d)", path, self.step_index, self.weight_version)
+
+    def _fetch_metrics(self) -> None:
+        """Resuming a run whose outputs are on a URI from a new local directory (a resubmitted
+        job): start from the uploaded ``metrics.jsonl`` (the logger drops the rows to redo)."""
+        local, remote = self.run_dir / "metrics.jsonl", storage.join(self.output_root, "metrics.jsonl")
+        if self.output_root != str(self.run_dir) and not local.exists() and storage.exists(remote):
+            local.write_text(storage.read_text(remote), encoding="utf-8")
 
     def _sigterm_stops(self):
         """SIGTERM (preemption, ``ray job stop``) finishes the current step, checkpoints, stops."""

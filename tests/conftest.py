@@ -28,9 +28,20 @@ def compose(overrides: list[str]):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_env():
+    """An S3-compatible server on loopback (moto, bucket ``rlhf-test``) for the session; its
+    endpoint and throwaway credentials are in ``os.environ`` while it runs. Started before Ray,
+    so every worker process inherits them, as a cluster's nodes carry their storage settings."""
+    from tests.s3_server import s3_server
+
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_env):
     """A local Ray cluster shared by the tests that need workers (8 logical CPUs on 2 cores:
-    workers pin one thread each, see cluster.threads_per_worker)."""
+    workers pin one thread each, see cluster.threads_per_worker); its workers reach ``s3_env``."""
     import ray
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20,

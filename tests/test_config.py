@@ -64,7 +64,8 @@ def test_all_errors_reported_at_once_with_dotted_keys():
 def test_micro_batch_must_split_each_ranks_share():
     # 16 prompts x 4 samples = 64 sequences; 2 ranks -> 32 each; 2 minibatches of 16; 16 % 5 != 0
     with pytest.raises(ConfigError, match="policy.micro_batch_size"):
-        compose(["policy.micro_batch_size=5"])
+        compose(["policy.max_tokens_per_micro_batch=0", "policy.micro_batch_size=5"])
+    compose(["policy.micro_batch_size=5"])  # under the default token budget rows per micro-batch do not matter
 
 
 def test_group_algorithms_need_several_samples():
@@ -77,6 +78,10 @@ def test_http_reward_must_be_https_or_loopback():
         compose(["reward=http", "reward.url=http://rewards.example.com/score"])
     compose(["reward=http", "reward.url=http://127.0.0.1:8000/score"])
     compose(["reward=http", "reward.url=https://rewards.example.com/score"])
+    with pytest.raises(ConfigError, match="reward.max_concurrency") as e:
+        compose(["reward=http", "reward.url=http://127.0.0.1:8000/score", "reward.batch_size=0",
+                 "reward.max_concurrency=0"])
+    assert "reward.batch_size" in str(e.value)
 
 
 def test_unknown_key_is_rejected_by_hydra():

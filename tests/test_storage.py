@@ -14,15 +14,14 @@ import pytest
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray import storage
 from rlhf_ray.config import Config, TrainerConfig, config_errors
-from tests.s3_server import s3_server
 
 ROOT = "s3://rlhf-test/run/checkpoints"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with s3_server() as env:
-        yield env
+def s3(s3_env):
+    """The session's S3 server (tests/conftest.py); each test here writes its own prefix."""
+    return s3_env
 
 
 def save(root: str, step: int, complete: bool = True) -> str:
@@ -78,13 +77,15 @@ save(sys.argv[1], int(sys.argv[2]))
 def test_kill_during_upload_leaves_no_complete_checkpoint(s3, tmp_path):
     root = "s3://rlhf-test/killed/checkpoints"
     save(root, 1)
-    env = dict(os.environ, RLHF_RAY_FAULTS="storage@upload#1=kill", RLHF_RAY_FAULTS_DIR=str(tmp_path),
+    step2 = ckpt.step_dir(root, 2)
+    # killed after the first of the two files of step 2's policy upload
+    env = dict(os.environ, RLHF_RAY_FAULTS=f"storage@upload:{step2}/policy#1=kill", RLHF_RAY_FAULTS_DIR=str(tmp_path),
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, root, "2"], env=env, timeout=120,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    step2 = ckpt.step_dir(root, 2)
     assert storage.subdirs(root, "step_") == ["step_00000001", "step_00000002"]  # partly uploaded
+    assert storage.exists(f"{step2}/policy/ds/shard.pt") and not storage.exists(f"{step2}/policy/rng_rank0.json")
     assert not ckpt.is_complete(step2)
     assert ckpt.latest(root) == ckpt.step_dir(root, 1)  # resume would take step 1, never step 2
     save(root, 3)

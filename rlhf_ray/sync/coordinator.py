@@ -41,8 +41,9 @@ class WeightSync:
     def init_group(self) -> None:
         """(Re)build the private group: policy rank 0 + every engine worker."""
         world = 1 + len(self.rollout.workers) * self.tp
-        host, port = self.policy.weight_group_address(world)
-        refs = self.policy.init_weight_group(world) + self.rollout.init_weight_group(host, port, self.tp)
+        host, port = self.policy.weight_group_address(world, self.cfg.timeout_s)
+        refs = (self.policy.init_weight_group(world, self.cfg.timeout_s)
+                + self.rollout.init_weight_group(host, port, self.tp, self.cfg.timeout_s))
         wait(refs, ["policy-0"] + self.rollout.names, "init weight-sync group", self.timeout_s)
 
     def push(self, version: int, check: list[RolloutSample] = ()) -> dict[str, float]:

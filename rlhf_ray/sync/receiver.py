@@ -13,22 +13,26 @@ from collections.abc import Iterator
 import torch
 
 from rlhf_ray.sync.buckets import TensorMeta, empty_bucket, unpack
-from rlhf_ray.sync.group import create_group, join_store
+from rlhf_ray.sync.group import create_group, join_store, receive_from_root
 
 
 class WeightReceiver:
     """Mixed into vLLM's worker class; ``self`` is the vLLM worker."""
 
-    def rlhf_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+    def rlhf_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                               timeout_s: float = 300.0) -> None:
         device = "cuda" if torch.cuda.is_available() and self.device.type == "cuda" else "cpu"
-        store = join_store(host, port, world_size)
-        self._rlhf_group = create_group(store, rank_offset + self.rank, world_size, device)
+        store = join_store(host, port, world_size, timeout_s)
+        self._rlhf_group = create_group(store, rank_offset + self.rank, world_size, device, timeout_s)
         self._rlhf_device = device
 
     def _rlhf_collective_stream(self, plan: list[list[TensorMeta]]) -> Iterator[tuple[str, torch.Tensor]]:
+        group = getattr(self, "_rlhf_group", None)
+        if group is None:  # a restarted engine, before WeightSync.repair built the new group
+            raise RuntimeError("this engine has not joined a weight-sync group (restarted?)")
         for bucket in plan:
             flat = empty_bucket(bucket, self._rlhf_device)
-            self._rlhf_group.broadcast(flat, 0).wait()
+            receive_from_root(group, flat)
             yield from unpack(flat, bucket)
 
     @staticmethod

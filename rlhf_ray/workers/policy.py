@@ -27,7 +27,7 @@ from rlhf_ray.config import AlgoConfig, LoRAConfig
 from rlhf_ray.models import load_causal_lm
 from rlhf_ray.models.lora import apply_lora, merged_weights
 from rlhf_ray.sync.buckets import TensorMeta, pack
-from rlhf_ray.sync.group import create_group, host_store, node_ip
+from rlhf_ray.sync.group import create_group, host_store, node_ip, send_to_ranks
 from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
 from rlhf_ray.workers.forward import response_logprobs
 
@@ -122,22 +122,24 @@ class PolicyWorker(DeepSpeedRank):
             for name, p in self._weights().items()
         ]
 
-    def weight_group_address(self, world_size: int) -> tuple[str, int]:
+    def weight_group_address(self, world_size: int, timeout_s: float = 300.0) -> tuple[str, int]:
         """Host the weight-sync group's store (this rank is its rank 0); engines join it."""
         host = node_ip()
-        self._sync_store = host_store(host, world_size)
+        self._sync_store = host_store(host, world_size, timeout_s)
         return host, self._sync_store.port
 
-    def init_weight_group(self, world_size: int) -> None:
-        self.sync_group = create_group(self._sync_store, 0, world_size, self.device_kind)
+    def init_weight_group(self, world_size: int, timeout_s: float = 300.0) -> None:
+        self.sync_group = create_group(self._sync_store, 0, world_size, self.device_kind, timeout_s)
+        self.sync_ranks = list(range(1, world_size))
 
     def send_weights(self, plan: list[list[TensorMeta]], use_object_store: bool) -> list:
-        """Stream every bucket of ``plan``; returns object refs for the object-store backend."""
+        """Stream every bucket of ``plan``; returns object refs for the object-store backend, the
+        engine ranks that could not be reached (dead) for the collective one."""
         import deepspeed
         import ray
 
         params = self._weights()
-        refs = []
+        refs, unreached = [], set()
         for bucket in plan:
             tensors = [params[m.name] for m in bucket]
             gathered = deepspeed.zero.GatheredParameters(tensors, modifier_rank=None, enabled=self.cfg.zero_stage == 3)
@@ -148,8 +150,8 @@ class PolicyWorker(DeepSpeedRank):
                 if use_object_store:
                     refs.append(ray.put(flat.cpu()))
                 else:
-                    self.sync_group.broadcast(flat, 0).wait()
-        return refs
+                    send_to_ranks(self.sync_group, flat, self.sync_ranks, unreached)
+        return refs if use_object_store else sorted(unreached)
 
     def save_hf(self, path: str) -> None:
         """The HF model (safetensors); with LoRA the merged model at ``path`` (loads as the base

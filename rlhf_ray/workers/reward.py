@@ -3,7 +3,8 @@
 - ``model``: a Hugging Face sequence classifier (a scalar reward head, or a classifier whose
   chosen label's logit/probability is the reward: the "sentiment classifier as reward" case);
 - ``function``: a Python rule or verifier given by import path ``module:callable``;
-- ``http``: a remote reward service (JSON in/out, bearer token from an environment variable).
+- ``http``: a remote reward service (JSON in/out, bearer token from an environment variable;
+  ``reward.batch_size`` completions per request, ``reward.max_concurrency`` requests in flight).
 
 Whatever the kind, the result is checked to be one float per completion. A ``model`` reward
 also carries the reward-model version that produced it: the feedback loop (rlhf_ray/feedback)
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -44,11 +46,10 @@ def load_function(path: str) -> Scorer:
 
 
 class ModelScorer:
-    def __init__(self, cfg: RewardConfig, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                 batch_size: int = 32):
+    def __init__(self, cfg: RewardConfig, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
         from rlhf_ray.models import load_reward_model, load_tokenizer
 
-        self.cfg, self.batch_size = cfg, batch_size
+        self.cfg, self.batch_size = cfg, cfg.batch_size
         self.tokenizer = load_tokenizer(cfg.model_path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "right"
         self.model = load_reward_model(cfg.model_path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -72,15 +73,37 @@ class ModelScorer:
 
 
 class HttpScorer:
-    """POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]}."""
+    """POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]}, ``reward.batch_size``
+    completions per request and up to ``reward.max_concurrency`` requests in flight (a remote
+    judge scores one or a few completions per request and serves a limited number of
+    connections: a thread pool keeps that many busy). The first failed request fails the call,
+    naming the request and the completions it carried."""
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
         self.token = os.environ.get(cfg.token_env, "") if cfg.token_env else ""
         if cfg.token_env and not self.token:
             raise ValueError(f"reward.token_env: environment variable {cfg.token_env} is not set")
+        self.pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="reward-http")
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        size = self.cfg.batch_size
+        starts = range(0, len(prompts), size)
+        futures = [
+            self.pool.submit(self._request, prompts[i : i + size], completions[i : i + size],
+                             f"request {n + 1}/{len(starts)} (completions {i}..{min(i + size, len(prompts)) - 1})")
+            for n, i in enumerate(starts)
+        ]
+        out: list[float] = []
+        try:
+            for f in futures:
+                out.extend(f.result())
+        finally:
+            for f in futures:  # after a failure, requests not yet sent are not sent
+                f.cancel()
+        return out
+
+    def _request(self, prompts: list[str], completions: list[str], what: str) -> list[float]:
         body = json.dumps({"prompts": prompts, "completions": completions}).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:
@@ -90,7 +113,8 @@ class HttpScorer:
             request = urllib.request.Request(self.cfg.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
-                    return json.loads(response.read())["rewards"]
+                    rewards = json.loads(response.read())["rewards"]
+                return check_rewards(rewards, len(prompts), f"reward service {self.cfg.url} {what}")
             except urllib.error.HTTPError as e:
                 last = e
                 if e.code < 500 and e.code != 429:  # client errors will not heal by retrying
@@ -98,7 +122,7 @@ class HttpScorer:
             except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as e:
                 last = e
             time.sleep(min(2.0**attempt * 0.2, 5.0))
-        raise RuntimeError(f"reward service {self.cfg.url} failed after {self.cfg.retries} attempts: {last}")
+        raise RuntimeError(f"reward service {self.cfg.url} {what} failed after {attempt + 1} attempt(s): {last}")
 
 
 def build_scorer(cfg: RewardConfig, **model_kwargs) -> Scorer:

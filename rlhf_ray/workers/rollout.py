@@ -183,9 +183,10 @@ class RolloutWorker:
             for out, seq in zip(outputs, sequences, strict=True)
         ]
 
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                          timeout_s: float = 300.0) -> None:
         with self._engine_lock:
-            self.llm.collective_rpc("rlhf_init_weight_group", args=(host, port, rank_offset, world_size))
+            self.llm.collective_rpc("rlhf_init_weight_group", args=(host, port, rank_offset, world_size, timeout_s))
 
     def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None = None,
                         check: list[list[int]] | None = None) -> tuple[int, list[list[float]]]:

@@ -52,10 +52,33 @@ def assert_causal_lm_export(path: Path, with_vllm: bool = True) -> None:
 
 
 def assert_reward_model_export(path: Path) -> None:
-    """``path`` loads with AutoModelForSequenceClassification and scores a batch to ``(b, 1)``."""
+    """``path`` loads with AutoModelForSequenceClassification (tokenizer with its chat template)
+    and scores chat-rendered (prompt, completion) pairs exactly as the reward worker does: each
+    text alone (no padding) and as a padded batch, against ``RewardWorker.score``."""
+    from rlhf_ray.config import RewardConfig
+    from rlhf_ray.workers.reward import RewardWorker
+
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-    batch = tok(["rev abc=cba", "rev ab=ba"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        assert model(**batch).logits.shape == (2, 1)
     assert tok.chat_template
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    completions = ["cba", "c", "cbaxyz", "abc"]  # different lengths: the batch is padded
+    texts = [prompt + c for c in completions]
+    with torch.no_grad():
+        alone = [model(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+        batch = tok(texts, return_tensors="pt", padding=True)
+        batched = model(**batch).logits
+    assert batched.shape == (len(texts), 1)
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:  # the worker class itself, without Ray (it pins this process's threads: restored below)
+        worker = RewardWorker("reward-export", RewardConfig(kind="model", model_path=str(path), gold_function=""))
+        scores = worker.score([prompt] * len(completions), completions)["reward"]
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+    assert len(set(alone)) > 1, alone  # a trained head tells these completions apart
+    assert torch.allclose(torch.tensor(scores), torch.tensor(alone), atol=1e-5), (scores, alone)
+    assert torch.allclose(batched[:, 0], torch.tensor(alone), atol=1e-5), (batched, alone)

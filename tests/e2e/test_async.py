@@ -6,7 +6,8 @@ worker groups (2 engines, 1 policy rank, GRPO) is shared by every run of this mo
 - ``max_staleness=1, 2``: no trained token is older than the bound (from the per-token versions
   the engines record), and engines generated while the learner updated (recorded intervals).
 - a run stopped with batches in flight resumes with exactly the prompts of a straight run.
-- an engine killed during asynchronous generation is restarted, re-synced, its share re-issued.
+- an engine killed during asynchronous generation is restarted, re-synced, its share re-issued,
+  with either sync backend (collective: no wait for the group's timeout).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ray
 
 from rlhf_ray.data import load_prompt_dataset, prompt_inputs, tokenize_prompts_with_index
 from rlhf_ray.data.chat import render_prompt
+from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.runtime import build_groups, resolve_assets
 from rlhf_ray.trainer import Trainer
@@ -98,25 +100,36 @@ def test_resume_with_batches_in_flight(stack, tmp_path):
     assert [r["rollout/prompt_indices"] for r in resumed] == [r["rollout/prompt_indices"] for r in straight]
 
 
-def test_engine_killed_during_async_generation(stack, tmp_path, caplog):
+@pytest.mark.parametrize("backend", ["object_store", "collective"])
+def test_engine_killed_during_async_generation(stack, tmp_path, caplog, backend):
+    """Killed after step 1 while generating: the driver sees the dead engine within seconds (its
+    calls fail), Ray restarts it, it is re-synced and its share re-issued. With the collective
+    backend the group's timeout is set to 300 s, gloo's default: a push in flight to the dead
+    engine must not wait for it (each engine rank gets its own sends, the group is rebuilt)."""
     fit, groups = stack
     run_dir = tmp_path / "run"
-    killed = threading.Event()
+    killed_at: list[float] = []
 
     def kill_when_generating():
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed.is_set():  # after step 1, while generating
+        while time.monotonic() < deadline and not killed_at:  # after step 1, while generating
             if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 1:
                 ray.kill(groups.rollout.workers[1], no_restart=False)  # Ray restarts it, initial weights
-                killed.set()
+                killed_at.append(time.time())
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_when_generating, daemon=True)
     killer.start()
-    summary, rows, _ = fit(["trainer.max_staleness=1", "trainer.total_steps=4"], run_dir)
-    assert killed.is_set() and "rollout-1" in caplog.text  # it died mid-run; the repair named it
+    summary, rows, trainer = fit(["trainer.max_staleness=1", "trainer.total_steps=4", f"sync.backend={backend}",
+                                  "sync.timeout_s=300"], run_dir)
+    assert killed_at and "rollout-1" in caplog.text  # it died mid-run; the repair named it
+    noticed = min(r.created for r in caplog.records if "rollout-1" in r.getMessage() and r.created >= killed_at[0])
+    assert noticed - killed_at[0] < 30  # seen through its failed calls, not a transport timeout
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert summary["engine_versions"] == {"rollout-0": 4, "rollout-1": 4}
+    assert max(r["timing/step"] for r in rows) < 150  # no step waited for the 300 s group timeout
+    sampler = PromptSampler(len(trainer.prompt_ids), 8, trainer.cfg.seed)
+    assert [r["rollout/prompt_indices"] for r in rows] == [sampler.next_batch() for _ in range(4)]  # none lost
     for r in rows:
         assert r["rollout/samples"] == 8 * 4  # none lost, none duplicated
         assert r["rollout/staleness_max"] <= 1

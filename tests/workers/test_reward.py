@@ -1,10 +1,12 @@
 """Reward workers without Ray: the rule kind, shape checks, and the HTTP kind against a real
-server on loopback (auth header, retry on 5xx, no retry on 4xx)."""
+server on loopback (auth header, retry on 5xx, no retry on 4xx, requests of reward.batch_size
+completions with reward.max_concurrency in flight, a bad answer naming its request)."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -14,21 +16,37 @@ from rlhf_ray.workers.reward import RewardShapeError, RewardWorker, check_reward
 
 
 class RewardServer:
-    """Scores len(completion); fails the first ``fail_first`` requests with 503."""
+    """Scores len(completion); fails the first ``fail_first`` requests with 503; answers
+    ``delay_s`` late; records each request's size and the most requests seen in flight at once;
+    drops the last reward of a request whose first completion is ``"short"``."""
 
-    def __init__(self, token: str = "", fail_first: int = 0):
-        self.token, self.fail_first, self.requests = token, fail_first, 0
+    def __init__(self, token: str = "", fail_first: int = 0, delay_s: float = 0.0):
+        self.token, self.fail_first, self.requests, self.delay_s = token, fail_first, 0, delay_s
+        self.sizes: list[int] = []
+        self.in_flight = self.max_in_flight = 0
+        lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server API
-                outer.requests += 1
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if outer.token and self.headers.get("Authorization") != f"Bearer {outer.token}":
-                    return self._send(401, {"error": "unauthorized"})
-                if outer.requests <= outer.fail_first:
-                    return self._send(503, {"error": "busy"})
-                return self._send(200, {"rewards": [float(len(c)) for c in body["completions"]]})
+                with lock:
+                    outer.requests += 1
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                    number = outer.requests
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    outer.sizes.append(len(body["completions"]))
+                    time.sleep(outer.delay_s)
+                    if outer.token and self.headers.get("Authorization") != f"Bearer {outer.token}":
+                        return self._send(401, {"error": "unauthorized"})
+                    if number <= outer.fail_first:
+                        return self._send(503, {"error": "busy"})
+                    rewards = [float(len(c)) for c in body["completions"]]
+                    return self._send(200, {"rewards": rewards[:-1] if body["completions"][0] == "short" else rewards})
+                finally:
+                    with lock:
+                        outer.in_flight -= 1
 
             def _send(self, code, obj):
                 data = json.dumps(obj).encode()
@@ -82,6 +100,33 @@ def test_http_reward_bad_token_fails_fast(server, monkeypatch):
     with pytest.raises(RuntimeError, match="401"):
         RewardWorker("reward-0", cfg).score(["p"], ["x"])
     assert server.requests == 1  # 4xx is not retried
+
+
+def test_http_reward_batches_requests_with_bounded_concurrency():
+    """10 completions, 2 per request, 3 requests in flight: 5 requests of 0.3 s answered in two
+    waves (~0.6 s, not 1.5 s), never more than 3 at once, rewards in the order of the input."""
+    s = RewardServer(delay_s=0.3)
+    try:
+        cfg = RewardConfig(kind="http", url=s.url, batch_size=2, max_concurrency=3, gold_function="")
+        w = RewardWorker("reward-0", cfg)
+        completions = ["a" * i for i in range(10)]
+        start = time.perf_counter()
+        assert w.score(["p"] * 10, completions) == {"reward": [float(i) for i in range(10)]}
+        elapsed = time.perf_counter() - start
+        assert sorted(s.sizes) == [2] * 5 and s.max_in_flight == 3
+        assert 0.55 < elapsed < 1.4  # 2 waves of 0.3 s (5 sequential requests would take 1.5 s)
+    finally:
+        s.close()
+
+
+def test_http_reward_wrong_count_names_the_request():
+    s = RewardServer()
+    try:
+        cfg = RewardConfig(kind="http", url=s.url, batch_size=2, max_concurrency=2, gold_function="")
+        with pytest.raises(RewardShapeError, match=r"request 2/3 \(completions 2\.\.3\)"):
+            RewardWorker("reward-0", cfg).score(["p"] * 5, ["ok", "ok", "short", "x", "y"])
+    finally:
+        s.close()
 
 
 def test_missing_token_env_is_named(monkeypatch):
