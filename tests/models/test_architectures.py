@@ -92,14 +92,7 @@ def check_stops(sample, stop_ids: set[int]) -> None:
         stops_seen["length"] += 1
 
 
-# Known defect (found by this test): with tied input/output embeddings, vLLM's in-place reload on
-# the CPU backend leaves the engine's output layer at the old weights after a sync (post-sync
-# logprob difference 0.1-0.3). Strict xfail: fixing the sync makes these pass and must drop the mark.
-TIED_NOT_SYNCED = pytest.mark.xfail(strict=True, reason="tied embeddings are not refreshed by the in-place reload")
-PARAMS = [pytest.param(a, marks=TIED_NOT_SYNCED) if a in ("qwen2", "gemma") else a for a in ARCHITECTURES]
-
-
-@pytest.mark.parametrize("arch", PARAMS)
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_architecture_loads_trains_and_syncs(ray_cluster, tmp_path_factory, arch):
     start = time.perf_counter()
     model_dir = str(build_tiny_model(tmp_path_factory.mktemp(arch) / arch, ARCHITECTURES[arch](), TOK,
