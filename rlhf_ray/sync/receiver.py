@@ -4,6 +4,16 @@
 Each call streams the buckets into vLLM's in-place reload (``Worker.reload_weights``), which
 works on the CPU backend where a second ``load_weights`` does not (ENV.md). The bucket layout
 is passed in; the bytes arrive through the private process group or as Ray object refs.
+
+Tied weights: vLLM's layerwise reload re-runs a module's weight post-processing only when that
+module is sent a weight. A module that shares its weight with another (the output layer tied to
+the input embeddings: Qwen2, Gemma, ...) is never sent one (Hugging Face state dicts hold the
+tensor once, under the embeddings), so its data is updated through the shared tensor but its
+post-processing is not redone. On the CPU backend that post-processing is where the output
+layer's matmul kernel is built (``UnquantizedEmbeddingMethod.process_weights_after_loading`` ->
+``dispatch_cpu_unquantized_gemm``, which prepacks a oneDNN copy of the weight), so the engine
+would keep computing logits from the weights it started with. After every reload the receiver
+re-runs the post-processing of every module that shares a weight with another one.
 """
 
 from __future__ import annotations
@@ -11,9 +21,40 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from rlhf_ray.sync.buckets import TensorMeta, empty_bucket, unpack
 from rlhf_ray.sync.group import create_group, join_store, receive_from_root
+
+
+def tied_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that hold a parameter another module holds too (tied weights), in model order."""
+    holders: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(module)
+    tied = {id(m) for mods in holders.values() if len(mods) > 1 for m in mods}
+    return [m for m in model.modules() if id(m) in tied]
+
+
+def reprocess_tied(model: nn.Module) -> int:
+    """Redo the weight post-processing (kernel prepacking etc.) of the tied modules after an
+    in-place reload; returns how many modules were redone. Unquantized post-processing only
+    rebuilds kernel state from the current weights (on GPU it is a no-op), so redoing it for
+    the module that was loaded too is harmless; quantized post-processing transforms the
+    weights themselves and must not run twice, so a tied quantized module is refused."""
+    done = 0
+    for module in tied_modules(model):
+        method = getattr(module, "quant_method", None)
+        if method is None:
+            continue
+        if not type(method).__name__.startswith("Unquantized"):
+            raise NotImplementedError(f"weight sync into a tied, quantized {type(module).__name__} "
+                                      f"({type(method).__name__}) is not supported")
+        method.process_weights_after_loading(module)
+        done += 1
+    return done
 
 
 class WeightReceiver:
@@ -54,4 +95,5 @@ class WeightReceiver:
                 yield item
 
         self.reload_weights(weights_iterator=counted())
+        reprocess_tied(self.get_model())
         return count
