@@ -89,7 +89,7 @@ class FakeRollout:
     def versions(self, timeout_s=None):
         return list(self.held.values())
 
-    def receive_weights(self, plan, version, refs, check=None):
+    def receive_weights(self, plan, version, refs, check=None, adapter=None):
         self.held = dict.fromkeys(self.names, version)
         return [(version, [[-1.5] * (len(s) - 1) for s in check or []]) for _ in self.names]
 
@@ -138,6 +138,9 @@ class FakePolicy:
 
     def weight_manifest(self):
         return [TensorMeta("model.w", (4,), "float32")]
+
+    def adapter_config(self):
+        return None  # full weights, no LoRA adapter
 
     def send_weights(self, plan, use_object_store):
         return [["bucket-refs"]]
@@ -349,6 +352,6 @@ def test_groups_fakes_have_the_methods_the_trainer_calls():
                        (FakeReward, groups.RewardGroup), (FakeReference, groups.ReferenceGroup)):
         used = {"generate", "versions", "receive_weights", "score_tokens", "score", "compute_logprobs",
                 "compute_logprobs_replicated", "update", "weight_manifest", "send_weights", "save_checkpoint",
-                "load_checkpoint", "save_hf"}
+                "load_checkpoint", "save_hf", "adapter_config"}
         missing = {m for m in used if hasattr(real, m) and not hasattr(fake, m)}
         assert not missing, (fake.__name__, missing)
