@@ -48,7 +48,7 @@ def run_mode(mode: str, args, model_dir: str) -> dict[str, float]:
     env = worker_env(Config())
     rollout = RolloutGroup(RolePlan("rollout", 1, 1.0, 0, "PACK"), RolloutWorker, lambda i, name: dict(
         name=name, model_path=model_dir, cfg=rollout_cfg, max_model_len=16 + args.new_tokens, seed=0,
-        lora_rank=args.rank if mode == "adapter" else 0,
+        lora=lora if mode == "adapter" else None,
     ), namespace="rlhf_ray_bench", timeout_s=600,
         env=dict(env, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"))
     policy = PolicyGroup(RolePlan("policy", 1, 1.0, 0, "PACK"), PolicyWorker, lambda i, name: dict(

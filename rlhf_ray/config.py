@@ -618,6 +618,9 @@ def _lora_errors(cfg: Config) -> list[str]:
     if lora.sync == "adapter" and not 0 < lora.rank <= VLLM_MAX_LORA_RANK:
         e.append(f"model.lora.sync: adapter needs 0 < model.lora.rank <= {VLLM_MAX_LORA_RANK} (vLLM's largest "
                  f"LoRA rank), got {lora.rank}")
+    if lora.sync == "adapter" and any(m.rsplit(".", 1)[-1] == "lm_head" for m in lora.target_modules):
+        e.append("model.lora.target_modules: with model.lora.sync=adapter the output layer (lm_head) cannot be "
+                 "adapted: vLLM's prompt logprobs (the sync check) drop its LoRA delta; use sync=merged")
     if lora.rank > 0 and cfg.model.reference_path:
         e.append("model.reference_path: with LoRA the reference is the policy's base model with its adapters "
                  "disabled; leave model.reference_path empty")

@@ -74,6 +74,25 @@ def adapter_config(model: torch.nn.Module) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
 
 
+def lora_module_suffixes(model_path: str, cfg: LoRAConfig, trust_remote_code: bool = False) -> list[str]:
+    """The last name parts of the modules the adapters wrap (``cfg.target_modules``, or for the
+    default every linear layer but the output layer, as PEFT's ``all-linear`` resolves it),
+    from the model's config on the meta device (no weights read). vLLM's
+    ``lora_target_modules`` takes them: an engine that also wrapped the output layer computes
+    prompt logprobs (the sync check) wrongly or not at all with LoRA (vLLM issues 16668, 51594)."""
+    if cfg.target_modules:
+        return sorted({m.rsplit(".", 1)[-1] for m in cfg.target_modules})
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    output = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear | Conv1D) and m is not output})
+
+
 def vllm_max_lora_rank(rank: int) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds ``rank`` (it takes 1, 8, 16,
     32, ..., 512 only)."""

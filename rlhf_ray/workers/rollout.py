@@ -15,7 +15,7 @@ unfinished prefix), and a pending weight load runs there, whole, under the engin
 chunk ever sees a partly loaded set of buckets. Each token records the weight version of the
 chunk that produced it. ``chunk_tokens = 0`` (the synchronous step) is one plain call.
 
-LoRA adapters (``model.lora.sync=adapter``, ``lora_rank > 0``): the engine keeps the base
+LoRA adapters (``model.lora.sync=adapter``, the worker's ``lora``): the engine keeps the base
 weights it started with and serves the policy as a vLLM LoRA adapter. Each sync streams only
 the adapter tensors; the receiver writes them as a PEFT directory on this node's disk (vLLM
 loads adapters from a directory; nothing is shared across nodes) and the engine loads it under
@@ -33,7 +33,7 @@ import threading
 import time
 
 from rlhf_ray.batch import RolloutSample
-from rlhf_ray.config import RolloutConfig
+from rlhf_ray.config import LoRAConfig, RolloutConfig
 from rlhf_ray.faults import maybe_fail
 from rlhf_ray.sampling import sampling_params
 from rlhf_ray.sync.buckets import TensorMeta
@@ -60,7 +60,7 @@ class RolloutWorker:
         seed: int = 0,
         trust_remote_code: bool = False,
         weight_version: int = 0,
-        lora_rank: int = 0,
+        lora: LoRAConfig | None = None,
     ):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
         if cfg.tensor_parallel_size == 1:
@@ -69,10 +69,11 @@ class RolloutWorker:
 
         self.name, self.cfg, self.model_path = name, cfg, model_path
         extra = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if device == "cuda" else {}
-        if lora_rank:  # one adapter at a time: the current policy version
-            from rlhf_ray.models.lora import vllm_max_lora_rank
+        if lora is not None:  # one adapter at a time (the current policy version), on its modules only
+            from rlhf_ray.models.lora import lora_module_suffixes, vllm_max_lora_rank
 
-            extra.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
+            extra.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora.rank), max_loras=1,
+                         lora_target_modules=lora_module_suffixes(model_path, lora, trust_remote_code))
             self._lora_dir, self._lora_ids = tempfile.mkdtemp(prefix="rlhf_ray_lora_"), itertools.count(1)
         self.llm = LLM(
             model=model_path,
@@ -236,7 +237,7 @@ class RolloutWorker:
         from vllm.lora.request import LoRARequest
 
         if not hasattr(self, "_lora_dir"):
-            raise RuntimeError(f"{self.name} got a LoRA adapter but was started without LoRA (lora_rank=0)")
+            raise RuntimeError(f"{self.name} got a LoRA adapter but was started without LoRA (lora=None)")
         lora_id = next(self._lora_ids)  # a fresh id: vLLM would serve a cached adapter under a known one
         path = os.path.join(self._lora_dir, str(lora_id))
         self.llm.collective_rpc("rlhf_receive_adapter", args=(plan, refs, path, config))

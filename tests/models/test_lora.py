@@ -15,6 +15,7 @@ from rlhf_ray.models.lora import (
     adapter_config,
     adapter_weights,
     apply_lora,
+    lora_module_suffixes,
     merged_weights,
     vllm_max_lora_rank,
 )
@@ -59,6 +60,8 @@ def test_lora_config_checks():
         assert any(e.startswith("model.lora.sync: adapter needs") for e in config_errors(Config(model=ModelConfig(lora=lora))))
     assert any(e.startswith("model.lora.sync:") for e in config_errors(Config(model=ModelConfig(lora=LoRAConfig(sync="x")))))
     assert not config_errors(Config(model=ModelConfig(lora=LoRAConfig(rank=8, sync="adapter"))))
+    head = Config(model=ModelConfig(lora=LoRAConfig(rank=8, sync="adapter", target_modules=["q_proj", "lm_head"])))
+    assert any(e.startswith("model.lora.target_modules: with model.lora.sync=adapter") for e in config_errors(head))
 
 
 def test_adapter_tensors_and_config_are_what_peft_saves_and_vllm_accepts(tiny, tmp_path):
@@ -78,6 +81,10 @@ def test_adapter_tensors_and_config_are_what_peft_saves_and_vllm_accepts(tiny, t
     # PEFT resolves "all-linear" to the module paths; vLLM matches the tensors' names instead
     assert {m.rsplit(".", 1)[-1] for m in config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     PEFTHelper.from_dict(config).validate_legal(VllmLoRAConfig(max_lora_rank=vllm_max_lora_rank(4)))
+    # the engine's module filter (from the config alone) is what PEFT adapted: no output layer
+    assert lora_module_suffixes(tiny, LoRAConfig(rank=4)) == sorted({m.rsplit(".", 1)[-1] for m in config["target_modules"]})
+    assert lora_module_suffixes(tiny, LoRAConfig(rank=4, target_modules=["q_proj", "model.layers.0.mlp.up_proj"])) == [
+        "q_proj", "up_proj"]
 
 
 def test_vllm_max_lora_rank_is_the_smallest_allowed_above():

@@ -37,7 +37,7 @@ def groups(ray_cluster, cache_dir):
     model_dir = str(ensure_tiny_llama(cache_dir / "tiny-lora-vllm", hidden_size=64, num_layers=2, num_heads=2))
     env = worker_env(Config())
     rollout = RolloutGroup(RolePlan("rollout", 1, 1.0, 0, "PACK"), RolloutWorker, lambda i, name: dict(
-        name=name, model_path=model_dir, cfg=ROLLOUT, max_model_len=64, seed=0, lora_rank=LORA.rank,
+        name=name, model_path=model_dir, cfg=ROLLOUT, max_model_len=64, seed=0, lora=LORA,
     ), namespace="rlhf_ray_tests", timeout_s=300,
         env=dict(env, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"))
     policy = PolicyGroup(RolePlan("policy", 1, 1.0, 0, "PACK"), PolicyWorker, lambda i, name: dict(
