@@ -49,8 +49,8 @@ def test_lora_grpo_two_steps(ray_cluster, tmp_path, cache_dir, sync):
     assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)
     assert rows[1]["kl/mean"] > 1e-6
     # step 2's samples come from the synced policy: vLLM's behaviour logprobs are the learner's
-    # (an engine that generated without the adapter would be ~kl/mean off)
-    assert rows[1]["rollout/mismatch_kl"] < 0.01 * rows[1]["kl/mean"]
+    # (an engine that generated without the adapter would be off by about kl/mean, ~1 here)
+    assert rows[1]["rollout/mismatch_kl"] < 1e-6
     # the checkpoint holds the adapter weights (what training changed)
     states = torch.load(Path(ckpt.latest(tmp_path / "checkpoints")) / "policy/ds/mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)["module"]
