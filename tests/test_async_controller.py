@@ -19,12 +19,10 @@ from rlhf_ray.batch import RolloutSample
 from rlhf_ray.calls import Ready, WorkerError
 from rlhf_ray.models.tokenizer import build_char_tokenizer
 from rlhf_ray.runtime import Groups
-from rlhf_ray.sync.buckets import TensorMeta
 from rlhf_ray.trainer import Trainer
 from tests.conftest import compose
-
-PROMPTS = [f"rev {w}=" for w in ("abc", "de", "fgh", "ij", "klm", "nop", "qr", "stu")]
-LEN = 3
+from tests.fakes import PROMPTS, FakePolicy, FakeReference, FakeReward
+from tests.fakes import RESPONSE_LEN as LEN
 
 
 class Failed(Ready):
@@ -76,59 +74,13 @@ class Engines:
         return refs
 
 
-class Reward:
-    def submit_score(self, prompts, completions):
-        return Ready({"reward": [float(sum(map(ord, t)) % 7) / 7 for t in completions]})
-
-
-class Reference:
-    def submit_logprobs(self, exp):
-        return Ready(exp.rollout_logprobs.clone())
-
-
-class Policy:
-    names = ["policy-0"]
-
-    def __init__(self):
-        self.old_logprob_passes, self.updates = 0, 0
-
-    def weight_manifest(self):
-        return [TensorMeta("model.w", (4,), "float32")]
-
-    def send_weights(self, plan, use_object_store):
-        return [["bucket-refs"]]
-
-    def get(self, refs, what):
-        return refs
-
-    def submit_logprobs(self, exp):
-        self.old_logprob_passes += 1
-        return Ready(exp.rollout_logprobs.clone())
-
-    def compute_logprobs_replicated(self, exp):
-        return exp.rollout_logprobs.clone()
-
-    def submit_update(self, exp, kl_coef):
-        self.updates += 1
-        return Ready({"policy/loss": 0.5})
-
-    def save_checkpoint(self, path):
-        Path(path).mkdir(parents=True)
-
-    def load_checkpoint(self, path):
-        pass
-
-    def save_hf(self, path):
-        Path(path).mkdir(parents=True, exist_ok=True)
-
-
-def fit(tmp_path: Path, *overrides: str, engines: Engines | None = None, policy: Policy | None = None):
+def fit(tmp_path: Path, *overrides: str, engines: Engines | None = None, policy: FakePolicy | None = None):
     cfg = compose(["algo=grpo", "rollout.n_samples_per_prompt=2", "trainer.prompts_per_step=2",
                    "policy.num_ranks=1", "policy.micro_batch_size=2", "sync.backend=object_store",
                    "sync.check_samples=2", "trainer.total_steps=6", f"trainer.output_dir={tmp_path}", *overrides])
     tok = build_char_tokenizer()
-    engines, policy = engines or Engines(), policy or Policy()
-    groups = Groups(engines, Reward(), Reference(), policy, None)
+    engines, policy = engines or Engines(), policy or FakePolicy()
+    groups = Groups(engines, FakeReward(), FakeReference(), policy, None)
     trainer = Trainer(cfg, groups, tok, PROMPTS, [tok.encode(p) for p in PROMPTS], tmp_path)
     summary = trainer.fit()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -139,7 +91,7 @@ def test_synchronous_is_on_policy_and_skips_the_redundant_pass(tmp_path):
     _, rows, engines, policy = fit(tmp_path, "trainer.max_staleness=0", "algo.epochs=1", "algo.minibatches=1")
     assert [r["rollout/staleness_max"] for r in rows] == [0.0] * 6
     assert engines.floors == [v for v in range(6) for _ in range(2)]  # every share: the current weights
-    assert policy.old_logprob_passes == 0 and policy.updates == 6
+    assert policy.old_logprob_passes == 0 and len(policy.updates) == 6
     assert all("rollout/behavior_logprob_diff" not in r for r in rows)
 
 
