@@ -14,10 +14,15 @@ layer's matmul kernel is built (``UnquantizedEmbeddingMethod.process_weights_aft
 ``dispatch_cpu_unquantized_gemm``, which prepacks a oneDNN copy of the weight), so the engine
 would keep computing logits from the weights it started with. After every reload the receiver
 re-runs the post-processing of every module that shares a weight with another one.
+
+A LoRA adapter (``model.lora.sync=adapter``) comes the same way and is written as a PEFT
+directory for vLLM's LoRA loader instead (``rlhf_receive_adapter``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 
 import torch
@@ -83,9 +88,26 @@ class WeightReceiver:
         for bucket, ref in zip(plan, refs, strict=True):
             yield from unpack(ray.get(ref), bucket)
 
+    def _rlhf_stream(self, plan: list[list[TensorMeta]], refs: list | None) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._rlhf_collective_stream(plan) if refs is None else self._rlhf_object_stream(plan, refs)
+
+    def rlhf_receive_adapter(self, plan: list[list[TensorMeta]], refs: list | None, path: str, config: dict) -> int:
+        """Receive the adapter tensors and write them with ``config`` as a PEFT adapter directory
+        at ``path`` (this node's disk; the engine then loads it as a LoRA adapter). Returns the
+        number of tensors."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.clone() for name, t in self._rlhf_stream(plan, refs)}  # views of one bucket: copy
+        if self.rank == 0:  # tensor-parallel workers of one engine share the node's disk
+            os.makedirs(path)
+            save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+            with open(os.path.join(path, "adapter_config.json"), "w") as f:
+                json.dump(config, f)
+        return len(tensors)
+
     def rlhf_receive_weights(self, plan: list[list[TensorMeta]], refs: list | None = None) -> int:
         """Load the streamed weights in place; returns the number of tensors received."""
-        stream = self._rlhf_collective_stream(plan) if refs is None else self._rlhf_object_stream(plan, refs)
+        stream = self._rlhf_stream(plan, refs)
         count = 0
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
