@@ -24,6 +24,8 @@ from rlhf_ray.topology import auto_threads, auto_workers
 
 REWARD_KINDS = ("model", "function", "http")
 SYNC_BACKENDS = ("collective", "object_store")
+LORA_SYNC_MODES = ("merged", "adapter")
+VLLM_MAX_LORA_RANK = 512  # the largest max_lora_rank vLLM accepts (vllm.config.lora.MaxLoRARanks)
 OVERLONG_POLICIES = ("truncate", "skip", "error")
 NAN_REWARD_POLICIES = ("mask", "skip_step", "abort")
 DEVICES = ("cpu", "cuda")
@@ -65,6 +67,8 @@ class LoRAConfig:
     """dropout on the adapter input"""
     target_modules: list[str] = field(default_factory=list)
     """module names to adapt (e.g. [q_proj, v_proj]); empty = every linear layer but the output layer"""
+    sync: str = "merged"
+    """what the engines receive: merged (base + B A alpha/r, every weight each sync) | adapter (vLLM LoRA: base loaded once, only the adapter each sync)"""
 
 
 @dataclass
@@ -624,17 +628,28 @@ def _misc_errors(cfg: Config) -> list[str]:
         e.append(f"sync.bucket_mb: must be > 0, got {cfg.sync.bucket_mb}")
     if cfg.sync.timeout_s <= 0:
         e.append(f"sync.timeout_s: must be > 0, got {cfg.sync.timeout_s}")
+    if cfg.cluster.cpus_per_worker <= 0:
+        e.append(f"cluster.cpus_per_worker: must be > 0, got {cfg.cluster.cpus_per_worker}")
+    return e + _lora_errors(cfg)
+
+
+def _lora_errors(cfg: Config) -> list[str]:
     lora = cfg.model.lora
+    e = _one_of("model.lora.sync", lora.sync, LORA_SYNC_MODES)
     if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
         e.append(f"model.lora: need rank >= 0, alpha > 0, 0 <= dropout < 1, got {lora.rank}/{lora.alpha}/{lora.dropout}")
+    if lora.sync == "adapter" and not 0 < lora.rank <= VLLM_MAX_LORA_RANK:
+        e.append(f"model.lora.sync: adapter needs 0 < model.lora.rank <= {VLLM_MAX_LORA_RANK} (vLLM's largest "
+                 f"LoRA rank), got {lora.rank}")
+    if lora.sync == "adapter" and any(m.rsplit(".", 1)[-1] == "lm_head" for m in lora.target_modules):
+        e.append("model.lora.target_modules: with model.lora.sync=adapter the output layer (lm_head) cannot be "
+                 "adapted: vLLM's prompt logprobs (the sync check) drop its LoRA delta; use sync=merged")
     if lora.rank > 0 and cfg.model.reference_path:
         e.append("model.reference_path: with LoRA the reference is the policy's base model with its adapters "
                  "disabled; leave model.reference_path empty")
     if lora.rank > 0 and cfg.policy.zero_stage == 3:
         e.append("policy.zero_stage: LoRA (model.lora.rank > 0) runs with ZeRO stage 0-2 (the frozen base is small "
                  "next to its optimizer state anyway)")
-    if cfg.cluster.cpus_per_worker <= 0:
-        e.append(f"cluster.cpus_per_worker: must be > 0, got {cfg.cluster.cpus_per_worker}")
     return e
 
 

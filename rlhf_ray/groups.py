@@ -116,9 +116,10 @@ class RolloutGroup(Group):
                 for i, w in enumerate(self.workers)]
 
     def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None,
-                        check: list[list[int]] | None = None) -> list:
-        """Every engine loads ``version``; each answers ``(version, logprobs of check)``."""
-        return [w.receive_weights.remote(plan, version, refs, check) for w in self.workers]
+                        check: list[list[int]] | None = None, adapter: dict | None = None) -> list:
+        """Every engine loads ``version`` (``adapter``: a LoRA adapter with that PEFT config);
+        each answers ``(version, logprobs of check)``."""
+        return [w.receive_weights.remote(plan, version, refs, check, adapter) for w in self.workers]
 
     def score_tokens(self, sequences: list[list[int]]) -> list[list[list[float]]]:
         """Every engine's logprobs of the same sequences (the post-sync spot check)."""
@@ -227,6 +228,10 @@ class PolicyGroup(DeepSpeedGroup):
 
     def weight_manifest(self) -> list[TensorMeta]:
         return self.get([self.workers[0].weight_manifest.remote()], "weight_manifest")[0]
+
+    def adapter_config(self) -> dict | None:
+        """The PEFT config of the adapter the engines serve (``model.lora.sync=adapter``), else None."""
+        return self.get([self.workers[0].adapter_config.remote()], "adapter_config")[0]
 
     def weight_group_address(self, world_size: int, timeout_s: float) -> tuple[str, int]:
         ref = self.workers[0].weight_group_address.remote(world_size, timeout_s)

@@ -248,6 +248,7 @@ def build_groups(cfg: Config, assets: Assets) -> Groups:
     rollout = RolloutGroup(plan["rollout"], RolloutWorker, lambda i, name: dict(
         name=name, model_path=assets.policy_path, cfg=cfg.rollout, device=c.device, dtype=m.dtype,
         max_model_len=max_len, seed=cfg.seed + i, trust_remote_code=m.trust_remote_code,
+        lora=m.lora if m.lora.rank and m.lora.sync == "adapter" else None,
     ), **dict(common, env=env_rollout), max_restarts=3, max_concurrency=8)  # weights load while generating
     reward = RewardGroup(plan["reward"], RewardWorker, lambda i, name: dict(
         name=name, cfg=cfg.reward, threads=c.threads_per_worker, seed=cfg.seed,

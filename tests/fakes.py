@@ -78,7 +78,7 @@ class FakeRollout:
     def versions(self, timeout_s=None):
         return list(self.held.values())
 
-    def receive_weights(self, plan, version, refs, check=None):
+    def receive_weights(self, plan, version, refs, check=None, adapter=None):
         self.held = dict.fromkeys(self.names, version)
         return [(version, [[-1.5] * (len(s) - 1) for s in check or []]) for _ in self.names]
 
@@ -128,6 +128,9 @@ class FakePolicy:
 
     def weight_manifest(self):
         return [TensorMeta("model.w", (4,), "float32")]
+
+    def adapter_config(self):
+        return None  # full weights, no LoRA adapter
 
     def send_weights(self, plan, use_object_store):
         return [["bucket-refs"]]

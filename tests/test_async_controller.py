@@ -66,7 +66,7 @@ class Engines:
     def versions(self, timeout_s=None):
         return list(self.held.values())
 
-    def receive_weights(self, plan, version, refs, check=None):
+    def receive_weights(self, plan, version, refs, check=None, adapter=None):
         self.held = dict.fromkeys(self.names, version)
         return [(version, [[-1.5] * (len(s) - 1) for s in check or []]) for _ in self.names]
 

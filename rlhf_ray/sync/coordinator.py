@@ -32,6 +32,7 @@ class WeightSync:
         self.tp, self.timeout_s, self.pad_id = tensor_parallel_size, timeout_s, pad_id
         self.plan = plan_buckets(policy.weight_manifest(), int(cfg.bucket_mb * 2**20))
         self.weight_bytes = sum(m.nbytes for bucket in self.plan for m in bucket)
+        self.adapter = policy.adapter_config()  # a PEFT config: the plan is a LoRA adapter's tensors
         self.engine_versions = dict.fromkeys(rollout.names, 0)
         self.inflight: dict | None = None
         self.latest = 0  # the newest version sent (what a repaired engine must get)
@@ -64,10 +65,10 @@ class WeightSync:
         start = time.perf_counter()
         if self.cfg.backend == "object_store":
             refs = self.policy.get(self.policy.send_weights(self.plan, True), "send_weights")[0]
-            send, receive = [], self.rollout.receive_weights(self.plan, version, refs, sequences)
+            send, receive = [], self.rollout.receive_weights(self.plan, version, refs, sequences, self.adapter)
         else:
             send = self.policy.send_weights(self.plan, False)
-            receive = self.rollout.receive_weights(self.plan, version, None, sequences)
+            receive = self.rollout.receive_weights(self.plan, version, None, sequences, self.adapter)
         self.inflight = {"version": version, "send": send, "receive": receive, "start": start, "check": check,
                          "learner": learner, "handed_over_s": time.perf_counter() - start}
 

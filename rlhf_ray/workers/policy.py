@@ -5,7 +5,9 @@ the rollout engines.
 
 With LoRA (``model.lora.rank > 0``) the rank trains PEFT adapters on a frozen base; the same
 module with its adapters disabled is the reference policy (``compute_ref_logprobs``), and the
-engines receive the merged weights under the base model's names (``models.lora``)."""
+engines receive the merged weights under the base model's names, or with
+``model.lora.sync=adapter`` only the adapter tensors, which they serve as a vLLM LoRA adapter
+(``models.lora``)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from rlhf_ray.algo import (
 from rlhf_ray.batch import Experience
 from rlhf_ray.config import AlgoConfig, LoRAConfig
 from rlhf_ray.models import load_causal_lm
-from rlhf_ray.models.lora import apply_lora, merged_weights
+from rlhf_ray.models.lora import adapter_config, adapter_weights, apply_lora, merged_weights
 from rlhf_ray.sync.buckets import TensorMeta, pack
 from rlhf_ray.sync.group import create_group, host_store, node_ip, send_to_ranks
 from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
@@ -54,10 +56,18 @@ class PolicyWorker(DeepSpeedRank):
             return self.compute_logprobs(exp)
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        """What the engines load, by HF name: the parameters, or with LoRA the merged weights."""
+        """What the engines load, by HF name: the parameters, or with LoRA the merged weights
+        (``model.lora.sync=merged``) or the adapter tensors alone (``adapter``)."""
+        if self.lora.rank and self.lora.sync == "adapter":
+            return adapter_weights(self.engine.module)
         if self.lora.rank:
             return merged_weights(self.engine.module)
         return dict(self.engine.module.named_parameters())
+
+    def adapter_config(self) -> dict | None:
+        """The PEFT adapter config the engines serve the synced adapter with (``None``: the
+        engines load full weights)."""
+        return adapter_config(self.engine.module) if self.lora.rank and self.lora.sync == "adapter" else None
 
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
         """(B, A) logprobs of the response tokens under the current weights."""

@@ -14,16 +14,26 @@ completions are resubmitted with their generated prefix as the prompt (abort + r
 unfinished prefix), and a pending weight load runs there, whole, under the engine lock, so no
 chunk ever sees a partly loaded set of buckets. Each token records the weight version of the
 chunk that produced it. ``chunk_tokens = 0`` (the synchronous step) is one plain call.
+
+LoRA adapters (``model.lora.sync=adapter``, the worker's ``lora``): the engine keeps the base
+weights it started with and serves the policy as a vLLM LoRA adapter. Each sync streams only
+the adapter tensors; the receiver writes them as a PEFT directory on this node's disk (vLLM
+loads adapters from a directory; nothing is shared across nodes) and the engine loads it under
+a new LoRA id (vLLM caches adapters by id), so every generate and score call after it, chunks
+included, runs with that version's ``LoRARequest``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
+import tempfile
 import threading
 import time
 
 from rlhf_ray.batch import RolloutSample
-from rlhf_ray.config import RolloutConfig
+from rlhf_ray.config import LoRAConfig, RolloutConfig
 from rlhf_ray.faults import maybe_fail
 from rlhf_ray.sampling import sampling_params
 from rlhf_ray.sync.buckets import TensorMeta
@@ -36,6 +46,8 @@ class StaleWeightsError(RuntimeError):
 
 
 class RolloutWorker:
+    lora_request = None  # the adapter every request runs with (None: the loaded weights alone)
+
     def __init__(
         self,
         name: str,
@@ -48,6 +60,7 @@ class RolloutWorker:
         seed: int = 0,
         trust_remote_code: bool = False,
         weight_version: int = 0,
+        lora: LoRAConfig | None = None,
     ):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
         if cfg.tensor_parallel_size == 1:
@@ -56,6 +69,12 @@ class RolloutWorker:
 
         self.name, self.cfg, self.model_path = name, cfg, model_path
         extra = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if device == "cuda" else {}
+        if lora is not None:  # one adapter at a time (the current policy version), on its modules only
+            from rlhf_ray.models.lora import lora_module_suffixes, vllm_max_lora_rank
+
+            extra.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora.rank), max_loras=1,
+                         lora_target_modules=lora_module_suffixes(model_path, lora, trust_remote_code))
+            self._lora_dir, self._lora_ids = tempfile.mkdtemp(prefix="rlhf_ray_lora_"), itertools.count(1)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -104,7 +123,7 @@ class RolloutWorker:
             time.sleep(0.001)
         with self._engine_lock:
             start = time.perf_counter()
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora_request)
             self.busy_s += time.perf_counter() - start
             return outputs, self.version
 
@@ -177,7 +196,8 @@ class RolloutWorker:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=self.cfg.temperature)
-        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         return [
             [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]
             for out, seq in zip(outputs, sequences, strict=True)
@@ -189,15 +209,20 @@ class RolloutWorker:
             self.llm.collective_rpc("rlhf_init_weight_group", args=(host, port, rank_offset, world_size, timeout_s))
 
     def receive_weights(self, plan: list[list[TensorMeta]], version: int, refs: list | None = None,
-                        check: list[list[int]] | None = None) -> tuple[int, list[list[float]]]:
+                        check: list[list[int]] | None = None,
+                        adapter: dict | None = None) -> tuple[int, list[list[float]]]:
         """Load new weights (streamed by the learner) and take their version: all buckets
-        under the engine lock, between two chunks of any running generate call. Returns the
+        under the engine lock, between two chunks of any running generate call. ``adapter``
+        (a PEFT adapter config) means the stream is that LoRA adapter's tensors. Returns the
         version and, for the spot check, the new weights' logprobs of the ``check`` sequences."""
         with self._versions:
             self._loads_waiting += 1  # the next chunk waits for this load
         try:
             with self._engine_lock:
-                self.llm.collective_rpc("rlhf_receive_weights", args=(plan, refs))
+                if adapter is None:
+                    self.llm.collective_rpc("rlhf_receive_weights", args=(plan, refs))
+                else:
+                    self._load_adapter(plan, refs, version, adapter)
                 self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
                 scored = self._score_tokens(check) if check else []
                 with self._versions:
@@ -207,3 +232,19 @@ class RolloutWorker:
             with self._versions:
                 self._loads_waiting -= 1
         return self.version, scored
+
+    def _load_adapter(self, plan: list[list[TensorMeta]], refs: list | None, version: int, config: dict) -> None:
+        """The adapter streamed by the learner, as this engine's new LoRA adapter (engine lock held)."""
+        from vllm.lora.request import LoRARequest
+
+        if not hasattr(self, "_lora_dir"):
+            raise RuntimeError(f"{self.name} got a LoRA adapter but was started without LoRA (lora=None)")
+        lora_id = next(self._lora_ids)  # a fresh id: vLLM would serve a cached adapter under a known one
+        path = os.path.join(self._lora_dir, str(lora_id))
+        self.llm.collective_rpc("rlhf_receive_adapter", args=(plan, refs, path, config))
+        request = LoRARequest(f"policy-v{version}-{lora_id}", lora_id, path)
+        self.llm.llm_engine.add_lora(request)  # load now: a bad adapter fails the sync, not a rollout
+        old, self.lora_request = self.lora_request, request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)

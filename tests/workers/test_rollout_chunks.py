@@ -22,7 +22,7 @@ class FakeLLM:
         self.calls: list[list[int]] = []
         self.loaded = threading.Event()
 
-    def generate(self, requests, params, use_tqdm=False):
+    def generate(self, requests, params, use_tqdm=False, lora_request=None):
         self.calls.append([len(r["prompt_token_ids"]) for r in requests])
         time.sleep(0.05)
         outs = []
