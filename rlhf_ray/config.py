@@ -419,7 +419,7 @@ class FeedbackConfig:
     replay: float = 1.0
     """older comparisons (already learned by the deployed version) replayed per new one in a retraining, drawn afresh"""
     min_accuracy_gain: float = 0.0
-    """a new version is swapped in only if its held-out pairwise accuracy >= the current one's + this"""
+    """a new version is swapped in only if its held-out pairwise accuracy >= the current one's + this (< 0: a tolerance)"""
     learner: LearnerConfig = field(default_factory=_feedback_learner)
     """the reward model's DeepSpeed group (ranks, ZeRO stage, optimizer)"""
 

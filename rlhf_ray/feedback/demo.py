@@ -158,9 +158,14 @@ def main(argv: list[str] | None = None) -> dict:
                   "reward=model", f"reward.model_path={rm}", f"trainer.total_steps={args.steps}",
                   "trainer.resume=never", "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1",
                   "algo.kl_coef=0.01", *args.ppo]  # a weak KL leash: PPO pushes hard against the proxy
-        loop = ["feedback.enabled=true", "feedback.every=2", "feedback.prompts_per_round=16", "feedback.k=4",
-                "feedback.min_labels=16", "feedback.wait=true", "feedback.ai_noise=0.1", "feedback.rm_epochs=2",
-                "feedback.learner.lr=1e-4", "feedback.learner.micro_batch_size=16", *args.loop]
+        # min_accuracy_gain=-0.02: the held-out comparisons are mostly older policies' samples and a
+        # candidate's accuracy on them is noisy by about that much; requiring >= rejected 2 of 3
+        # candidates, and while the deployed version stayed frozen the policy drifted into its blind spots.
+        # 32 prompts per round: with 16 the tolerance alone still collapsed (README, "Human feedback loop")
+        loop = ["feedback.enabled=true", "feedback.every=2", "feedback.prompts_per_round=32", "feedback.k=4",
+                "feedback.min_labels=32", "feedback.wait=true", "feedback.ai_noise=0.1", "feedback.rm_epochs=2",
+                "feedback.min_accuracy_gain=-0.02", "feedback.learner.lr=1e-4", "feedback.learner.micro_batch_size=16",
+                *args.loop]
         static_summary, static = finished(out / "static", args.steps) or ppo(out / "static", common, [])
         loop_summary, looped = ppo(out / "loop", common, loop)
     finally:
