@@ -21,16 +21,14 @@ from rlhf_ray.models.tokenizer import build_char_tokenizer
 from rlhf_ray.runtime import Groups
 from rlhf_ray.trainer import Trainer
 from tests.conftest import compose
-from tests.fakes import PROMPTS, FakePolicy, FakeReference, FakeReward
+from tests.fakes import PROMPTS, Failed, FakePolicy, FakeReference, FakeReward, FakeRollout
 from tests.fakes import RESPONSE_LEN as LEN
 
 
-class Failed(Ready):
-    def result(self):
-        raise WorkerError("rollout.generate failed on 'rollout-1': the actor died")
+class Engines(FakeRollout):
+    """One share per engine (FakeRollout answers for both at once); versions, weight loads and
+    spot checks as FakeRollout's."""
 
-
-class Engines:
     def __init__(self):
         self.names = ["rollout-0", "rollout-1"]
         self.workers = list(self.names)
@@ -46,7 +44,7 @@ class Engines:
         if self.fail_next:
             self.fail_next -= 1
             self.held[name] = 0  # Ray restarts it with the initial weights
-            return Failed(None)
+            return Failed(WorkerError("rollout.generate failed on 'rollout-1': the actor died"))
         assert self.held[name] >= min_version, f"{name} asked for v{min_version}, holds v{self.held[name]}"
         out = []
         for ids, i in zip(prompt_ids, prompt_indices, strict=True):
@@ -62,16 +60,6 @@ class Engines:
             self.fail_busy -= 1
             raise WorkerError("rollout.busy_seconds failed on 'rollout-1': the actor is restarting")
         return [0.0, 0.0]
-
-    def versions(self, timeout_s=None):
-        return list(self.held.values())
-
-    def receive_weights(self, plan, version, refs, check=None, adapter=None):
-        self.held = dict.fromkeys(self.names, version)
-        return [(version, [[-1.5] * (len(s) - 1) for s in check or []]) for _ in self.names]
-
-    def get(self, refs, what):
-        return refs
 
 
 def fit(tmp_path: Path, *overrides: str, engines: Engines | None = None, policy: FakePolicy | None = None):
