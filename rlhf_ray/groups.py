@@ -214,9 +214,11 @@ class PolicyGroup(DeepSpeedGroup):
         refs = [w.compute_ref_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)]
         return self.pending(refs, "compute_ref_logprobs", torch.cat)
 
-    def compute_logprobs_replicated(self, exp: Experience) -> torch.Tensor:
-        """Every rank computes the same small batch (any size; ZeRO-3 needs all ranks)."""
-        return self.get([w.compute_logprobs.remote(exp) for w in self.workers], "compute_logprobs")[0]
+    def submit_logprobs_replicated(self, exp: Experience) -> Pending:
+        """Every rank computes the same small batch (any size; ZeRO-3 needs all ranks); the
+        result is rank 0's."""
+        refs = [w.compute_logprobs.remote(exp) for w in self.workers]
+        return self.pending(refs, "compute_logprobs", lambda results: results[0])
 
     def update(self, exp: Experience, kl_coef: float) -> dict[str, float]:
         return self.submit_update(exp, kl_coef).result()

@@ -13,7 +13,6 @@ indices, seeds, version floor) so a resume re-issues exactly them: no prompt los
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import ray
@@ -54,15 +53,23 @@ class Batch:
 
 @dataclass
 class Taken:
-    """A whole batch for the learner: samples in prompt order and their rewards."""
+    """A whole batch for the learner: samples in prompt order, and their rewards (being scored:
+    ``scores()`` waits for them, so the learners' forwards can start first)."""
 
     samples: list[RolloutSample]
     prompts: list[str]  # the prompt text of each sample
     completions: list[str]
-    scored: dict[str, list[float]]
+    rewards: list[Pending]  # the reward calls, in sample order
     min_version: int
     indices: list[int]  # dataset prompt indices of the batch
-    reward_wait_s: float  # seconds waited for rewards after the last completion arrived
+
+    def scores(self) -> dict[str, list[float]]:
+        """``{"reward": [...], ...}`` of every sample, in order (waits for the reward calls)."""
+        merged: dict[str, list[float]] = {}
+        for result in wait_all(self.rewards):
+            for k, v in result.items():
+                merged.setdefault(k, []).extend(v)
+        return merged
 
 
 class RolloutStream:
@@ -128,28 +135,23 @@ class RolloutStream:
 
     # ------------------------------------------------------------------ consuming
     def take(self) -> Taken:
-        """The oldest batch, generated and scored (waits for it, scoring shares as they come)."""
+        """The oldest batch, generated (waits for it, scoring shares as they come); its rewards
+        may still be being scored (``Taken.scores``)."""
         batch = self.buffer.peek()
         while any(p.samples is None for p in batch.parts):
             self.poll()
             waiting = [r for p in batch.parts if p.samples is None for r in p.generate.refs]
             if waiting:
                 ray.wait(waiting, num_returns=1, timeout=1.0)
-        start = time.perf_counter()
         if self.asynchronous:
-            scored = wait_all([p.reward for p in batch.parts])
+            rewards = [p.reward for p in batch.parts]
         else:
-            scored = [self.reward.submit_score([x for p in batch.parts for x in p.prompts],
-                                               [x for p in batch.parts for x in p.texts]).result()]
-        reward_wait_s = time.perf_counter() - start
+            rewards = [self.reward.submit_score([x for p in batch.parts for x in p.prompts],
+                                                [x for p in batch.parts for x in p.texts])]
         self.buffer.pop()
         self._gauge()
-        merged: dict[str, list[float]] = {}
-        for result in scored:
-            for k, v in result.items():
-                merged.setdefault(k, []).extend(v)
         return Taken([s for p in batch.parts for s in p.samples], [x for p in batch.parts for x in p.prompts],
-                     [x for p in batch.parts for x in p.texts], merged, batch.min_version, batch.indices, reward_wait_s)
+                     [x for p in batch.parts for x in p.texts], rewards, batch.min_version, batch.indices)
 
     def wait(self, pending: list[Pending | None]) -> list:
         """Results of learner calls; while they run, finished engine shares get scored."""

@@ -43,7 +43,10 @@ def sampling_params(cfg: RolloutConfig, model_path: str, *, seed: int, n: int | 
     """vLLM ``SamplingParams`` of one prompt's ``n`` (default ``cfg.n_samples_per_prompt``)
     samples (``max_tokens``: a chunk of an asynchronous rollout, default ``cfg.max_new_tokens``):
     temperature/top-p of ``cfg``, the behaviour logprob of each sampled token (after
-    temperature / top-p, see the engine's ``logprobs_mode``), and the stops above."""
+    temperature / top-p, see the engine's ``logprobs_mode``), and the stops above. The engine
+    detokenizes only to match stop strings: the trainer reads token ids and decodes them itself,
+    and the per-step incremental detokenization (and decoding of every logprob's token) is a
+    fixed cost of each decode step."""
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -55,4 +58,5 @@ def sampling_params(cfg: RolloutConfig, model_path: str, *, seed: int, n: int | 
         seed=seed,
         stop_token_ids=stop_token_ids(cfg, model_path),
         stop=list(cfg.stop) or None,
+        detokenize=bool(cfg.stop),
     )

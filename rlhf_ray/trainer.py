@@ -37,7 +37,7 @@ from rlhf_ray.data.datasets import DataError, tokenize_prompts_with_index
 from rlhf_ray.data.sampler import PromptSampler
 from rlhf_ray.experience import RunningMoments, compute_advantages, prepare_scores
 from rlhf_ray.faults import maybe_fail
-from rlhf_ray.groups import WorkerError
+from rlhf_ray.groups import Pending, WorkerError
 from rlhf_ray.metrics import MetricsLogger, timed
 from rlhf_ray.rollout_stream import RolloutStream
 from rlhf_ray.runtime import Groups
@@ -155,21 +155,25 @@ class Trainer:
         # 2. rollout: the oldest batch, its shares scored as they arrived (restarted engines repaired)
         with timed(t, "rollout"):
             batch = self.stream.take()
-        t["timing/reward"] = batch.reward_wait_s
-        t["timing/rollout"] -= batch.reward_wait_s
-        samples = batch.samples
-        exp = pad_samples(samples, self.tokenizer.pad_token_id)
-        # 3. experience: rewards, then old/ref logprobs and values, concurrently
-        scores, valid, m = prepare_scores(batch.scored["reward"], c.reward, self.moments, batch.prompts)
-        if "gold" in batch.scored:
-            m["reward/gold"] = float(torch.tensor(batch.scored["gold"]).nanmean())
+            samples = batch.samples
+            exp = pad_samples(samples, self.tokenizer.pad_token_id)
+        # 3. experience: old/ref logprobs and values (they need no rewards) start at once and run
+        # while the rewards are scored
+        forwards = self._submit_experience(exp)
+        with timed(t, "reward"):
+            scored = batch.scores()
+        scores, valid, m = prepare_scores(scored["reward"], c.reward, self.moments, batch.prompts)
+        if "gold" in scored:
+            m["reward/gold"] = float(torch.tensor(scored["gold"]).nanmean())
         if m["reward/nonfinite"] and c.reward.nan_policy == "skip_step":
             log.warning("step %d skipped: %d non-finite rewards", self.step_index + 1, m["reward/nonfinite"])
+            self.stream.wait(forwards)  # the workers are done with this batch before the next starts
             self.step_index += 1
             return {**m, **t, "trainer/skipped": 1.0}
         valid, m_stale = self._staleness(exp, valid)
         with timed(t, "experience"):
-            exp = self._experience(replace(exp, scores=scores, valid=valid))
+            old, ref, values = self.stream.wait(forwards)
+            exp = replace(exp, scores=scores, valid=valid, old_logprobs=old, ref_logprobs=ref, values=values)
         # 4. advantages
         with timed(t, "advantages"):
             exp, adv_metrics = compute_advantages(exp, c.algo, self.kl_ctl.value, c.rollout.n_samples_per_prompt)
@@ -250,12 +254,13 @@ class Trainer:
         on_policy = bool((exp.token_versions[exp.response_mask.bool()] == self.weight_version).all())
         return self.cfg.algo.schedule == (1, 1) and on_policy
 
-    def _experience(self, exp: Experience) -> Experience:
+    def _submit_experience(self, exp: Experience) -> list[Pending | None]:
+        """The old-logprob (unless redundant), reference and value forwards of ``exp``, on
+        their groups at once; ``None`` where a pass does not run."""
         old = None if self._single_on_policy_pass(exp) else self.g.policy.submit_logprobs(exp)
         ref = self.g.reference.submit_logprobs(exp)
         values = self.g.critic.submit_values(exp) if self.g.critic is not None else None
-        old, ref, values = self.stream.wait([old, ref, values])
-        return replace(exp, old_logprobs=old, ref_logprobs=ref, values=values)
+        return [old, ref, values]
 
     def _busy(self, t: dict[str, float], start: float, fill: float, samples: list) -> dict[str, float]:
         """Dashboard numbers of this step: engines' and learner's busy fractions, buffer fill,

@@ -141,7 +141,8 @@ class FakePolicy:
     def compute_logprobs(self, exp):
         return exp.rollout_logprobs.clone()
 
-    compute_logprobs_replicated = compute_logprobs
+    def submit_logprobs_replicated(self, exp):
+        return Ready(self.compute_logprobs(exp))
 
     def submit_logprobs(self, exp):
         self.old_logprob_passes += 1

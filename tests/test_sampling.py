@@ -28,4 +28,6 @@ def test_stops_from_generation_config_and_config(tmp_path):
     p = sampling_params(cfg, str(several), seed=11)
     assert (p.n, p.max_tokens, p.seed, p.logprobs) == (3, 5, 11, 0)
     assert sorted(p.stop_token_ids) == [2, 7, 128001, 128009] and p.stop == ["</answer>"]
-    assert sampling_params(RolloutConfig(), str(one), seed=0, n=1).stop in (None, [])
+    assert p.detokenize  # stop strings are matched on the decoded text
+    plain = sampling_params(RolloutConfig(), str(one), seed=0, n=1)
+    assert plain.stop in (None, []) and not plain.detokenize  # token ids only: nothing to decode

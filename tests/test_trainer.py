@@ -195,7 +195,7 @@ def test_groups_fakes_have_the_methods_the_trainer_calls():
     for fake, real in ((FakeRollout, groups.RolloutGroup), (FakePolicy, groups.PolicyGroup),
                        (FakeReward, groups.RewardGroup), (FakeReference, groups.ReferenceGroup)):
         used = {"generate", "versions", "receive_weights", "score_tokens", "score", "compute_logprobs",
-                "compute_logprobs_replicated", "update", "weight_manifest", "send_weights", "save_checkpoint",
+                "submit_logprobs_replicated", "update", "weight_manifest", "send_weights", "save_checkpoint",
                 "load_checkpoint", "save_hf", "adapter_config"}
         missing = {m for m in used if hasattr(real, m) and not hasattr(fake, m)}
         assert not missing, (fake.__name__, missing)

@@ -60,7 +60,6 @@ class WeightSync:
             raise RuntimeError(f"push of v{self.inflight['version']} not finished before v{version}")
         self.latest = version
         check = list(check)
-        learner = self.policy.compute_logprobs_replicated(pad_samples(check, self.pad_id)) if check else None
         sequences = [s.prompt_ids + s.response_ids for s in check] or None
         start = time.perf_counter()
         if self.cfg.backend == "object_store":
@@ -69,6 +68,10 @@ class WeightSync:
         else:
             send = self.policy.send_weights(self.plan, False)
             receive = self.rollout.receive_weights(self.plan, version, None, sequences, self.adapter)
+        # The learner's side of the spot check, from the weights it just sent: queued behind the
+        # send on every rank (a rank runs its calls in order, before any later update), so it
+        # runs while the engines load the weights instead of before the send.
+        learner = self.policy.submit_logprobs_replicated(pad_samples(check, self.pad_id)) if check else None
         self.inflight = {"version": version, "send": send, "receive": receive, "start": start, "check": check,
                          "learner": learner, "handed_over_s": time.perf_counter() - start}
 
@@ -92,7 +95,8 @@ class WeightSync:
                "sync/handover_seconds": p["handed_over_s"], "sync/bytes": float(self.weight_bytes),
                "sync/buckets": float(len(self.plan)), **per_engine}
         if p["check"]:
-            out["sync/check_logprob_diff"] = self._compare(p["check"], p["learner"], [lp for _, lp in answers])
+            learner = p["learner"].result()
+            out["sync/check_logprob_diff"] = self._compare(p["check"], learner, [lp for _, lp in answers])
         return out
 
     def abandon(self) -> None:

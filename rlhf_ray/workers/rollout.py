@@ -195,7 +195,7 @@ class RolloutWorker:
     def _score_tokens(self, sequences: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=self.cfg.temperature)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=self.cfg.temperature, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False,
                                     lora_request=self.lora_request)
         return [
