@@ -1,5 +1,6 @@
 """Forward passes shared by the policy, reference and critic workers: response-token
-logprobs and values of an ``Experience`` layout, in (trimmed, optionally token-budget) micro-batches."""
+logprobs and values of an ``Experience`` layout, in (trimmed, optionally token-budget) micro-batches;
+for inference, optionally each distinct prompt once (``shared_prompt_logits``)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,55 @@ from rlhf_ray.batch import Experience, position_ids
 from rlhf_ray.micro_batches import micro_batches, scatter_rows
 
 
-def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, A: int, temperature: float):
-    """Logits (B, A, V) that predict the A response tokens (positions P-1 .. P+A-2)."""
-    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    return out.logits[:, -A - 1 : -1].float() / temperature
+def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, A: int, temperature: float,
+                    share_prompts: bool = False):
+    """Logits (B, A, V) that predict the A response tokens (positions P-1 .. P+A-2);
+    ``share_prompts``: see :func:`shared_prompt_logits` (inference only)."""
+    logits = shared_prompt_logits(model, sequences, attention_mask, A) if share_prompts else None
+    if logits is None:
+        out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+        logits = out.logits[:, -A - 1 : -1]
+    return logits.float() / temperature
+
+
+def shared_prompt_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, A: int) -> torch.Tensor | None:
+    """The logits of :func:`response_logits` with each distinct prompt run once: rows that share
+    a prompt (the samples of one prompt in GRPO/RLOO) take its key/value cache, and only their
+    responses run on top of it. The same numbers as the full forward up to float rounding
+    (attention over the same keys, the same positions), for ``n`` samples per prompt about
+    ``(n - 1) / n`` of the prompt tokens' work less. ``None`` (run the full forward) when no two
+    rows share a prompt or the model keeps no Hugging Face ``Cache``. Without autograd only: the
+    learners' training forward stays one plain pass."""
+    P = sequences.shape[1] - A
+    if P < 1 or torch.is_grad_enabled():
+        return None
+    # left-padded prompts: the same ids and mask = the same prompt (a pad id inside a prompt stays apart)
+    prompts, inverse = torch.unique(torch.cat([sequences[:, :P], attention_mask[:, :P]], 1), dim=0,
+                                    return_inverse=True)
+    if len(prompts) == len(sequences):
+        return None
+    prompt_ids, prompt_mask = prompts[:, :P], prompts[:, P:]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    first = out.logits[:, -1:][inverse]  # the last prompt token predicts the first response token
+    if A == 1:
+        return first
+    cache.batch_select_indices(inverse)  # every row's copy of its prompt's keys and values
+    rest = model(input_ids=sequences[:, P:-1], attention_mask=attention_mask[:, :-1],
+                 position_ids=position_ids(attention_mask)[:, P:-1], past_key_values=cache, use_cache=True)
+    return torch.cat([first, rest.logits], 1)
 
 
 def response_logprobs(
     model, sequences: torch.Tensor, attention_mask: torch.Tensor, A: int, temperature: float = 1.0,
-    with_entropy: bool = False,
+    with_entropy: bool = False, share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, A) logprobs of the response tokens, and (B, A) entropies when asked."""
-    logits = response_logits(model, sequences, attention_mask, A, temperature)
+    """(B, A) logprobs of the response tokens, and (B, A) entropies when asked
+    (``share_prompts``: :func:`shared_prompt_logits`)."""
+    logits = response_logits(model, sequences, attention_mask, A, temperature, share_prompts)
     logprobs = logprobs_from_logits(logits, sequences[:, -A:])
     return logprobs, (entropy_from_logits(logits) if with_entropy else None)
 

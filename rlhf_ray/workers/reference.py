@@ -27,10 +27,12 @@ class ReferenceWorker:
         return f"ReferenceWorker({self.name})"
 
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:
-        """(B, A) reference logprobs of the response tokens."""
+        """(B, A) reference logprobs of the response tokens; the samples of one prompt share its
+        forward (``forward.shared_prompt_logits``: a plain module, so no peer rank has to run
+        as many forwards as this one)."""
         exp = exp.to(self.device)
 
         def fn(seq: torch.Tensor, mask: torch.Tensor, A: int) -> torch.Tensor:
-            return response_logprobs(self.model, seq, mask, A, self.temperature)[0]
+            return response_logprobs(self.model, seq, mask, A, self.temperature, share_prompts=True)[0]
 
         return batched(fn, exp, self.micro_batch_size, self.max_tokens) * exp.response_mask.cpu()

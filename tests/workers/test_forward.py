@@ -1,0 +1,100 @@
+"""The shared-prompt inference forward (``forward.shared_prompt_logits``, used by the reference
+worker): each distinct prompt runs once and its samples' responses run on its key/value cache.
+The logprobs equal the full padded forward's on every architecture the stack supports (in
+process, tiny random models: no Ray, vLLM or DeepSpeed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from rlhf_ray.batch import RolloutSample, pad_samples
+from rlhf_ray.micro_batches import plan
+from rlhf_ray.workers.forward import batched, response_logprobs, shared_prompt_logits
+
+# the architectures of tests/models/test_architectures.py (GQA, tied and fused projections,
+# q/k/v biases, partial rotary), smaller
+COMMON = dict(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ARCHITECTURES = {
+    "llama": lambda: T.LlamaConfig(num_key_value_heads=1, **COMMON),
+    "qwen2": lambda: T.Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **COMMON),
+    "qwen3": lambda: T.Qwen3Config(num_key_value_heads=1, head_dim=32, **COMMON),
+    "mistral": lambda: T.MistralConfig(num_key_value_heads=1, head_dim=32, **COMMON),
+    "gemma": lambda: T.GemmaConfig(num_key_value_heads=1, head_dim=32, **COMMON),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**COMMON),
+    "phi3": lambda: T.Phi3Config(num_key_value_heads=2, **COMMON),
+}
+
+
+def grouped_experience(samples_per_prompt: int = 3):
+    """Prompts of different lengths (one holding the pad id 0 inside, one a single token), each
+    with ``samples_per_prompt`` responses of different lengths (1 to 7 tokens)."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [[5, 9, 0, 7], [11], [4, 4, 4, 4, 4, 6], [5, 9, 7]]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        for j in range(samples_per_prompt):
+            a = 1 + (i * samples_per_prompt + j) % 7
+            response = torch.randint(3, 40, (a,), generator=g).tolist()
+            rows.append(RolloutSample(i, prompt, response, [0.0] * a, 0, "engine-0"))
+    return pad_samples(rows, pad_id=0)
+
+
+class CountingModel(torch.nn.Module):
+    """The model, counting its forward calls and the input tokens they ran."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls, self.tokens = model, 0, 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        self.tokens += kwargs["input_ids"].numel()
+        return self.model(**kwargs)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_shared_prompt_logprobs_equal_the_full_forward(arch):
+    torch.manual_seed(0)
+    model = CountingModel(T.AutoModelForCausalLM.from_config(ARCHITECTURES[arch]()).eval())
+    exp = grouped_experience()
+    A = exp.response_mask.shape[1]
+    with torch.no_grad():
+        full = response_logprobs(model, exp.sequences, exp.attention_mask, A)[0] * exp.response_mask
+        model.calls = model.tokens = 0
+        shared = response_logprobs(model, exp.sequences, exp.attention_mask, A, share_prompts=True)[0]
+    # two calls: the 4 distinct prompts (P = 6 columns), then the 12 responses (A - 1 columns each)
+    assert (model.calls, model.tokens) == (2, 4 * 6 + 12 * (A - 1))
+    torch.testing.assert_close(shared * exp.response_mask, full, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompts_in_token_budget_micro_batches():
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(ARCHITECTURES["llama"]()).eval()
+    exp = grouped_experience(samples_per_prompt=4)
+    A = exp.response_mask.shape[1]
+    with torch.no_grad():
+        full = response_logprobs(model, exp.sequences, exp.attention_mask, A)[0] * exp.response_mask
+
+    def fn(seq, mask, a):
+        return response_logprobs(model, seq, mask, a, share_prompts=True)[0]
+
+    # length-sorted micro-batches split some prompts' samples apart: each shares what it holds
+    groups = plan(exp, 4, max_tokens=40)
+    assert len(groups) > 1 and any(len({r // 4 for r in g}) < len(g) for g in groups)
+    torch.testing.assert_close(batched(fn, exp, 4, max_tokens=40) * exp.response_mask, full, rtol=1e-5, atol=1e-5)
+
+
+def test_full_forward_where_nothing_is_shared_or_gradients_are_needed():
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(ARCHITECTURES["llama"]()).eval()
+    one_each = grouped_experience(samples_per_prompt=1)
+    grouped = grouped_experience()
+    A = grouped.response_mask.shape[1]
+    with torch.no_grad():
+        assert shared_prompt_logits(model, one_each.sequences, one_each.attention_mask,
+                                    one_each.response_mask.shape[1]) is None
+    # a training forward keeps one plain pass (the learners' loss and gradient are unchanged)
+    assert shared_prompt_logits(model, grouped.sequences, grouped.attention_mask, A) is None
