@@ -14,8 +14,9 @@ appearing minus that step's own seconds), steady s/step (mean of steps 2..n), co
 tokens/s per phase, and MFU per phase and per step. Useful FLOPs are 2·N·tokens per forward
 pass and 6·N·tokens per training pass (N = parameters in matmuls: all but the input
 embedding), on real tokens only (no padding), counting only the passes a step needs:
-rollout = prefill + decode of every sequence; experience = reference forward (+ critic values
-forward, + the old-logprob forward only when the update has more than one epoch or minibatch);
+rollout = prefill + decode of every sequence; experience = reference forward (each distinct
+prompt once: the reference runs a prompt's samples on its cache) (+ critic values forward, + the
+old-logprob forward only when the update has more than one epoch or minibatch);
 update = policy (+ critic) training. The peak is the fp32 matmul rate this script measures
 itself with all the machine's cores (``torch.get_num_threads()`` = the cores). Prints numbers;
 asserts nothing.
@@ -104,7 +105,7 @@ def param_counts(model_dir: Path) -> tuple[float, float]:
 
 
 def report(name: str, algo: str, startup: float, summary: dict, rows: list[dict], n: tuple[float, float],
-           peak: float) -> dict:
+           peak: float, samples_per_prompt: int = 1) -> dict:
     warm = rows[1:] or rows
     mean = lambda k: statistics.mean(r.get(k, 0.0) for r in warm)  # noqa: E731
     step_s = mean("timing/step")
@@ -113,10 +114,11 @@ def report(name: str, algo: str, startup: float, summary: dict, rows: list[dict]
     seq_tokens = prompt + response
     critic = algo in ("ppo", "a2c")
     n_pol, n_crit = n
-    exp_passes = n_pol + (n_crit if critic else 0)  # reference + critic values (old logprobs not needed)
+    # reference (each distinct prompt once) + critic values (old logprobs not needed)
+    reference_tokens = prompt / samples_per_prompt + response
     flops = {
         "rollout": 2 * n_pol * seq_tokens,
-        "experience": 2 * exp_passes * seq_tokens,
+        "experience": 2 * n_pol * reference_tokens + (2 * n_crit * seq_tokens if critic else 0),
         "update": 6 * (n_pol + (n_crit if critic else 0)) * seq_tokens,
     }
     phases = {p: mean(f"timing/{p}") for p in PHASES}
@@ -171,7 +173,7 @@ def main() -> None:
                 startup, summary, rows = launch(overrides_for(s, algo, a.steps, cache, out) + a.overrides,
                                                 out, Path(tmp) / "train.log", Path(a.repo))
                 model = cache / f"tiny-llama-h{s['hidden']}-l{s['layers']}-a{s['heads']}-p{s['new_tokens'] + 64}-s0"
-                r = report(name, algo, startup, summary, rows, param_counts(model), peak)
+                r = report(name, algo, startup, summary, rows, param_counts(model), peak, s["samples"])
             r["n_params"] = param_counts(model)[0]
             results.append(r)
             show(r, targets[name])
