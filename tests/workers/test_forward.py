@@ -1,7 +1,7 @@
 """The shared-prompt inference forward (``forward.shared_prompt_logits``, used by the reference
 worker): each distinct prompt runs once and its samples' responses run on its key/value cache.
-The logprobs equal the full padded forward's on every architecture the stack supports (in
-process, tiny random models: no Ray, vLLM or DeepSpeed)."""
+The logprobs equal the full padded forward's on every architecture the stack supports, and with
+sliding-window attention (in process, tiny random models: no Ray, vLLM or DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rlhf_ray.micro_batches import plan
 from rlhf_ray.workers.forward import batched, response_logprobs, shared_prompt_logits
 
 # the architectures of tests/models/test_architectures.py (GQA, tied and fused projections,
-# q/k/v biases, partial rotary), smaller
+# q/k/v biases, partial rotary), smaller, and two with sliding-window attention
 COMMON = dict(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
               max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ARCHITECTURES = {
@@ -25,6 +25,10 @@ ARCHITECTURES = {
     "gemma": lambda: T.GemmaConfig(num_key_value_heads=1, head_dim=32, **COMMON),
     "gpt_neox": lambda: T.GPTNeoXConfig(**COMMON),
     "phi3": lambda: T.Phi3Config(num_key_value_heads=2, **COMMON),
+    # sliding-window caches keep only the last 3 keys (the prompts are longer): every layer, and
+    # Gemma 2's alternating sliding/global layers
+    "mistral_window": lambda: T.MistralConfig(num_key_value_heads=1, head_dim=32, sliding_window=3, **COMMON),
+    "gemma2_window": lambda: T.Gemma2Config(num_key_value_heads=1, head_dim=32, sliding_window=3, **COMMON),
 }
 
 
