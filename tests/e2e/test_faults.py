@@ -6,10 +6,13 @@ checkpoint. Faults are injected with ``RLHF_RAY_FAULTS`` (rlhf_ray/faults.py).""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,16 +37,25 @@ def train(run_dir: Path, cache_dir: Path, overrides: list[str]) -> dict:
     return run(cfg, run_dir)
 
 
-def test_resume_equals_straight_run(ray_cluster, tmp_path, cache_dir):
+def test_resume_equals_straight_run(ray_cluster, tmp_path, cache_dir, caplog):
+    """A new run resumed from step 2's checkpoint of a straight 4-step run (copied into its own
+    run directory together with all four of the straight run's metric rows, as if it had crashed
+    after step 4's rows were written but before its checkpoint) drops the rows of the steps it
+    redoes and reproduces steps 3 and 4 and the final weights. Stopping after a step writes the
+    same checkpoint (``trainer.stop_after_steps``): tests/e2e/test_async.py, tests/test_trainer.py."""
     common = [*SMALL, "trainer.total_steps=4", "trainer.save_every=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, cache_dir, common)
-    first = train(resumed, cache_dir, [*common, "trainer.stop_after_steps=2"])
-    assert first["stopped"] and first["steps"] == 2
-    assert Path(ckpt.latest(resumed / "checkpoints")).name == "step_00000002"
-    train(resumed, cache_dir, common)  # resume=auto picks up step 2
+    step2 = ckpt.step_dir(str(straight / "checkpoints"), 2)
+    assert ckpt.is_complete(step2)
+    shutil.copytree(step2, resumed / "checkpoints" / Path(step2).name)
+    shutil.copy(straight / "metrics.jsonl", resumed / "metrics.jsonl")
+    caplog.set_level(logging.INFO, logger="rlhf_ray")
+    summary = train(resumed, cache_dir, common)  # resume=auto picks up step 2
+    assert f"resumed from {resumed / 'checkpoints' / Path(step2).name} at step 2 (" in caplog.text
+    assert summary["steps"] == 4
     a, b = rows(straight), rows(resumed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # rows 3 and 4 dropped, then written again
     for ra, rb in zip(a, b, strict=True):
         for key in ("reward/mean", "policy/loss", "critic/loss", "kl/mean", "rollout/weight_version"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
@@ -52,24 +64,30 @@ def test_resume_equals_straight_run(ray_cluster, tmp_path, cache_dir):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
 
 
-def test_sigkill_while_writing_a_checkpoint(tmp_path, cache_dir):
-    """The driver dies (SIGKILL) inside its 2nd checkpoint: step 2's directory has no marker,
-    the next run resumes from step 1, and the run finishes with every step exactly once."""
+def test_sigkill_while_writing_a_checkpoint(ray_cluster, tmp_path, cache_dir):
+    """The driver (a process of its own, joined to the session's cluster) dies (SIGKILL) inside
+    its 2nd checkpoint: step 2's directory has no marker, the next run resumes from step 1, and
+    the run finishes with every step exactly once."""
     out = tmp_path / "run"
     args = [sys.executable, "-m", "rlhf_ray.train", f"trainer.output_dir={out}", f"model.cache_dir={cache_dir}",
             "algo=grpo", "rollout.num_engines=1", "policy.num_ranks=1", "trainer.prompts_per_step=8",
-            "trainer.total_steps=3", "trainer.save_every=1", "cluster.num_cpus=4"]
+            "trainer.total_steps=3", "trainer.save_every=1",
+            f"cluster.address={ray_cluster.get_runtime_context().gcs_address}"]
     env = dict(os.environ, RLHF_RAY_FAULTS="driver@checkpoint#2=kill", RLHF_RAY_FAULTS_DIR=str(tmp_path))
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         assert proc.wait(timeout=600) == -signal.SIGKILL
     finally:
-        # the driver's own local Ray cluster shares its session: stop exactly that
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # the dead driver's workers go with it (Ray kills the actors of a dead job) and free their CPUs
+    deadline = time.monotonic() + 60
+    while ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "the killed driver's workers still hold CPUs after 60 s"
+        time.sleep(0.5)
     root = out / "checkpoints"
     assert ckpt.is_complete(root / "step_00000001") and not ckpt.is_complete(root / "step_00000002")
     env.pop("RLHF_RAY_FAULTS")
