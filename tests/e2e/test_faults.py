@@ -99,27 +99,58 @@ def test_sigkill_while_writing_a_checkpoint(ray_cluster, tmp_path, cache_dir):
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
 
-def test_killed_rollout_and_reward_workers(ray_cluster, tmp_path, cache_dir, monkeypatch):
-    """rollout-1 exits inside its 2nd generate, reward-0 inside its 2nd score: Ray restarts
-    both; the engine is re-synced to the current weights before it serves again."""
-    monkeypatch.setenv("RLHF_RAY_FAULTS", "rollout-1@generate#2=exit,reward-0@score#2=exit")
-    monkeypatch.setenv("RLHF_RAY_FAULTS_DIR", str(tmp_path))
-    out = tmp_path / "run"
-    summary = train(out, cache_dir, ["algo=grpo", "rollout.num_engines=2", "policy.num_ranks=1",
-                                     "trainer.prompts_per_step=8", "trainer.total_steps=3"])
-    assert (tmp_path / "fired-rollout-1@generate#2").exists() and (tmp_path / "fired-reward-0@score#2").exists()
+class Records(logging.Handler):
+    """The ``rlhf_ray`` log records of a run (``caplog`` is per test; the run below is shared)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def faulty_run(ray_cluster, tmp_path_factory, cache_dir):
+    """One run with worker faults of both kinds (two tests below check it): rollout-1 exits
+    inside its 2nd generate and reward-0 inside its 2nd score (repaired in place: Ray restarts
+    them), then policy-1 exits inside its 3rd train call (the run rebuilds every group and
+    resumes from the last checkpoint)."""
+    faults = tmp_path_factory.mktemp("faults")
+    out = faults / "run"
+    handler, logger = Records(), logging.getLogger("rlhf_ray")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RLHF_RAY_FAULTS", "rollout-1@generate#2=exit,reward-0@score#2=exit,policy-1@train#3=exit")
+            mp.setenv("RLHF_RAY_FAULTS_DIR", str(faults))
+            summary = train(out, cache_dir, ["algo=grpo", "rollout.num_engines=2", "policy.num_ranks=2",
+                                             "trainer.prompts_per_step=8", "trainer.total_steps=3",
+                                             "trainer.save_every=1"])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return summary, rows(out), faults, handler.messages
+
+
+def test_killed_rollout_and_reward_workers(faulty_run):
+    """Ray restarts both; the engine is re-synced to the current weights before it serves
+    again; the step is generated again with the same seeds."""
+    summary, metric_rows, faults, _ = faulty_run
+    assert (faults / "fired-rollout-1@generate#2").exists() and (faults / "fired-reward-0@score#2").exists()
     assert summary["engine_versions"] == {"rollout-0": 3, "rollout-1": 3}
-    for r in rows(out):
+    for r in metric_rows:
         assert r["rollout/samples"] == 8 * 4  # prompts x samples: none lost, none duplicated
         assert r["sync/check_logprob_diff"] < 1e-4
 
 
-def test_dead_learner_rank_restarts_from_checkpoint(ray_cluster, tmp_path, cache_dir, monkeypatch, caplog):
-    monkeypatch.setenv("RLHF_RAY_FAULTS", "policy-1@train#2=exit")
-    monkeypatch.setenv("RLHF_RAY_FAULTS_DIR", str(tmp_path))
-    out = tmp_path / "run"
-    summary = train(out, cache_dir, ["algo=grpo", "rollout.num_engines=1", "policy.num_ranks=2",
-                                     "trainer.prompts_per_step=8", "trainer.total_steps=3", "trainer.save_every=1"])
-    assert "policy-1" in caplog.text  # the failure names the rank
+def test_dead_learner_rank_restarts_from_checkpoint(faulty_run):
+    summary, metric_rows, faults, log = faulty_run
+    assert (faults / "fired-policy-1@train#3").exists()
+    restarts = [i for i, m in enumerate(log) if "restarting all groups" in m]
+    assert len(restarts) == 1 and "policy-1" in log[restarts[0]], log  # the failure names the rank
+    assert any(m.startswith("resumed from ") for m in log[restarts[0]:]), log  # from the last checkpoint
     assert summary["steps"] == 3 and summary["weight_version"] == 3
-    assert [r["step"] for r in rows(out)] == [1, 2, 3]
+    assert [r["step"] for r in metric_rows] == [1, 2, 3]
