@@ -22,10 +22,9 @@ from safetensors.torch import load_file
 from rlhf_ray import checkpoint as ckpt
 from rlhf_ray.train import run
 from tests.conftest import compose
+from tests.e2e.conftest import TWO_OF_EACH
 
 pytestmark = pytest.mark.e2e
-
-SMALL = ["rollout.num_engines=1", "policy.num_ranks=2", "critic.num_ranks=1", "trainer.prompts_per_step=8"]
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -37,21 +36,21 @@ def train(run_dir: Path, cache_dir: Path, overrides: list[str]) -> dict:
     return run(cfg, run_dir)
 
 
-def test_resume_equals_straight_run(ray_cluster, tmp_path, cache_dir, caplog):
-    """A new run resumed from step 2's checkpoint of a straight 4-step run (copied into its own
-    run directory together with all four of the straight run's metric rows, as if it had crashed
-    after step 4's rows were written but before its checkpoint) drops the rows of the steps it
-    redoes and reproduces steps 3 and 4 and the final weights. Stopping after a step writes the
-    same checkpoint (``trainer.stop_after_steps``): tests/e2e/test_async.py, tests/test_trainer.py."""
-    common = [*SMALL, "trainer.total_steps=4", "trainer.save_every=2"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(straight, cache_dir, common)
+def test_resume_equals_straight_run(ppo_two_of_each, tmp_path, cache_dir, caplog):
+    """A new run resumed from step 2's checkpoint of a straight 4-step run (tests/e2e/conftest.py:
+    PPO with two of each worker; the checkpoint copied into a run directory of its own together
+    with all four of the straight run's metric rows, as if it had crashed after step 4's rows
+    were written but before its checkpoint) drops the rows of the steps it redoes and reproduces
+    steps 3 and 4 and the final weights. Stopping after a step writes the same checkpoint
+    (``trainer.stop_after_steps``): tests/e2e/test_async.py, tests/test_trainer.py."""
+    straight, _ = ppo_two_of_each
+    resumed = tmp_path / "resumed"
     step2 = ckpt.step_dir(str(straight / "checkpoints"), 2)
     assert ckpt.is_complete(step2)
     shutil.copytree(step2, resumed / "checkpoints" / Path(step2).name)
     shutil.copy(straight / "metrics.jsonl", resumed / "metrics.jsonl")
     caplog.set_level(logging.INFO, logger="rlhf_ray")
-    summary = train(resumed, cache_dir, common)  # resume=auto picks up step 2
+    summary = train(resumed, cache_dir, TWO_OF_EACH)  # resume=auto picks up step 2
     assert f"resumed from {resumed / 'checkpoints' / Path(step2).name} at step 2 (" in caplog.text
     assert summary["steps"] == 4
     a, b = rows(straight), rows(resumed)
