@@ -102,12 +102,12 @@ start() {
     local count=$ROLLOUT_NODES cpus=$ROLLOUT_CPUS
     [[ $kind == learner ]] && count=$LEARNER_NODES cpus=$LEARNER_CPUS
     for ((i = 0; i < count; i++)); do
-      read -r AGENT AGENT_GRPC RTENV METRICS <<<"${ports[*]:0:4}"
+      read -r AGENT AGENT_GRPC RTENV NODE_METRICS <<<"${ports[*]:0:4}"  # (METRICS stays the head's)
       ports=("${ports[@]:4}")
       launch "$kind-node-$i" "${kind:0:1}$i" --address="$RAY_ADDRESS" --num-cpus="$cpus" \
         --resources="{\"${kind}_node\": $cpus}" --labels="rlhf-ray/node-type=$kind" \
         --dashboard-agent-listen-port="$AGENT" --dashboard-agent-grpc-port="$AGENT_GRPC" \
-        --runtime-env-agent-port="$RTENV" --metrics-export-port="$METRICS"
+        --runtime-env-agent-port="$RTENV" --metrics-export-port="$NODE_METRICS"
       nodes=$((nodes + 1))
       wait_nodes "$nodes" || { stop; exit 1; }
     done

@@ -1,6 +1,7 @@
 """Every entry point (train, sft, reward_model, evaluate, pipeline) turns bad input into one
 ``error: ...`` line per problem on stderr, naming the key or file:line, no traceback, exit
-status 2, before any worker starts. The runs are real subprocesses, started all at once."""
+status 2, before any worker starts. The runs are real processes, started all at once (forked
+from one interpreter that imported their dependencies once: tests/forked_cli.py)."""
 
 from __future__ import annotations
 
@@ -45,16 +46,18 @@ def results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     files["comparisons"].write_text(json.dumps({"prompt": "rev ab=", "completions": ["ba"]}) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
-    procs = {}
-    for name, argv in cases(model, empty, files).items():
-        out = tmp / name
-        procs[name] = subprocess.Popen([sys.executable, "-m", *argv, f"hydra.run.dir={out}"], cwd=tmp, env=env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = {}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=600)
-        done[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
-    return done
+    spec = {name: [*argv, f"hydra.run.dir={tmp / name}"] for name, argv in cases(model, empty, files).items()}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    (logs := tmp / "logs").mkdir()
+    # all at once, each a real process forked from one interpreter that imported the heavy
+    # dependencies once (tests/forked_cli.py: ~5 s of imports each otherwise)
+    forked = subprocess.run([sys.executable, str(REPO / "tests" / "forked_cli.py"), str(tmp / "spec.json"), str(logs)],
+                            cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert forked.returncode == 0, forked.stderr[-3000:]
+    codes = json.loads(forked.stdout.splitlines()[-1])
+    return {name: subprocess.CompletedProcess(["python", "-m", *spec[name]], codes[name],
+                                              (logs / f"{name}.stdout").read_text(), (logs / f"{name}.stderr").read_text())
+            for name in spec}
 
 
 EXPECTED = {  # name -> every line the run must print on stderr (regex, in order)

@@ -1,12 +1,14 @@
-"""Multi-node placement on a simulated cluster (``ray.cluster_utils.Cluster``): a head with no
-CPUs, a rollout node (``rollout_node``), a learner node (``learner_node``) and a spare node with
-neither. With ``cluster.node_resources=true`` the engines must land on the rollout node and the
-learner/critic/reference/reward workers on the learner node (none on the spare node, although it
-has free CPUs), and one full PPO step must run across them. ``dry_run`` against the same cluster
-prints each node and rejects a plan that needs more ``rollout_node`` than the cluster has.
-
-The cluster and its driver run in a child process (this file, run as a script): the test
-session may already hold a Ray connection (tests/conftest.py), and one process has one driver.
+"""Multi-node placement on a local multi-node cluster (cluster/local_multinode.sh: a head with
+one CPU and no node-type resource, a rollout node advertising ``rollout_node`` and a learner
+node advertising ``learner_node``, on loopback, with token auth). With
+``cluster.node_resources=true`` the engines must land on the rollout node and the
+learner/critic/reference/reward workers on the learner node (none on the head, although it has
+a free CPU), and a full PPO step must run across them, submitted as a job with deploy/submit.sh.
+``dry_run`` against the cluster prints each node and rejects a plan that needs more
+``rollout_node`` than the cluster has. Without the token the cluster refuses every client.
+The jobs also show what any job on a running cluster must do: its driver joins the cluster
+(starts none), its logs (the progress bar included) stream back through the job API, and its
+``ray_rlhf_*`` gauges reach the head's metrics endpoint.
 """
 
 from __future__ import annotations
@@ -18,66 +20,23 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.local_net import free_port
+from tests.e2e.local_net import scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
-NODES = {  # name -> add_node kwargs (labels are informational; placement uses the resources)
-    "rollout": dict(num_cpus=1, resources={"rollout_node": 1}, labels={"rlhf-ray/node-type": "rollout"}),
-    "learner": dict(num_cpus=4, resources={"learner_node": 4}, labels={"rlhf-ray/node-type": "learner"}),
-    "spare": dict(num_cpus=2),
-}
 OVERRIDES = [
     "algo=ppo", "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1", "trainer.total_steps=1",
     "trainer.prompts_per_step=4", "algo.epochs=1", "rollout.max_new_tokens=6", "sync.check_samples=2",
     "cluster.node_resources=true",
 ]
-
-
-def simulate(out: Path, cache_dir: str) -> None:
-    """Child process: build the cluster, dry-run, train one step, record where workers ran."""
-    import ray
-    from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
-
-    from rlhf_ray.runtime import dry_run
-    from rlhf_ray.train import compose_config, run
-
-    temp_dir = tempfile.mkdtemp(prefix="rm", dir="/tmp")
-    result: dict = {"temp_dir": temp_dir}
-    out.write_text(json.dumps(result))  # the parent cleans up by temp dir even if we die
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=0, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-        dashboard_agent_listen_port=free_port(), temp_dir=temp_dir, object_store_memory=200 * 2**20))
-    try:
-        ids = {name: cluster.add_node(**kw, object_store_memory=200 * 2**20, temp_dir=temp_dir).node_id for name, kw in NODES.items()}
-        cluster.wait_for_nodes()
-        result["nodes"] = ids
-        common = [*OVERRIDES, f"cluster.address={cluster.address}", f"model.cache_dir={cache_dir}"]
-        result["dry_run"] = dry_run(compose_config(common))
-        try:
-            dry_run(compose_config([*common, "rollout.num_engines=2"]))
-        except RuntimeError as e:
-            result["dry_run_error"] = str(e)
-        run_dir = out.parent / "run"
-        summary = run(compose_config([*common, f"trainer.output_dir={run_dir}"]), run_dir)
-        result["summary"] = summary
-        result["metrics"] = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        actors = list_actors(address=f"http://{cluster.webui_url}" if "://" not in cluster.webui_url
-                             else cluster.webui_url, detail=True, limit=1000, raise_on_missing_output=False)
-        result["placement"] = {a.name: a.node_id for a in actors if a.name}
-    finally:
-        out.write_text(json.dumps(result, default=str))
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def kill_by_temp_dir(temp_dir: str) -> list[int]:
@@ -94,44 +53,48 @@ def kill_by_temp_dir(temp_dir: str) -> list[int]:
     return killed
 
 
-def test_roles_land_on_their_node_types(tmp_path, cache_dir):
-    out = tmp_path / "result.json"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, __file__, str(out), str(cache_dir)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-    finally:
-        result = json.loads(out.read_text()) if out.exists() else {}
-        if result.get("temp_dir"):
-            time.sleep(1)
-            kill_by_temp_dir(result["temp_dir"])
-            shutil.rmtree(result["temp_dir"], ignore_errors=True)
-    assert proc.returncode == 0 and "placement" in result, log[-6000:]
+PLACEMENT = """
+import json, os
+from ray.util.state import list_actors, list_nodes
+address = os.environ["RAY_API_SERVER_ADDRESS"]
+nodes = {n.node_id: n.labels.get("rlhf-ray/node-type") for n in list_nodes(address=address, detail=True)}
+print(json.dumps([[a.name, a.job_id, nodes.get(a.node_id, a.node_id)]
+                  for a in list_actors(address=address, detail=True, limit=1000) if a.name]))
+"""
 
-    nodes, placement = result["nodes"], result["placement"]
-    expected = {"rollout-0": "rollout", "policy-0": "learner", "critic-0": "learner", "reference-0": "learner",
-                "reward-0": "learner"}
-    where = {name: next((n for n, i in nodes.items() if i == placement.get(name)), placement.get(name))
-             for name in expected}
-    assert where == expected, (where, placement)
-    assert nodes["spare"] not in placement.values()
 
-    # one full PPO step ran across the nodes and the engine took the new weights
-    assert result["summary"]["steps"] == 1
-    assert result["summary"]["engine_versions"] == {"rollout-0": 1}
-    m = result["metrics"]
-    assert m["rollout/weight_version"] == 1.0 and m["critic/loss"] is not None and m["policy/loss"] is not None
+class GaugeWatcher:
+    """Scrapes a metrics endpoint every 0.25 s while in its ``with`` block: ``seen`` once the
+    driver's ``ray_rlhf_step`` gauge was there (Ray drops a dead worker's series at its next
+    report, so the series exists only while the driver runs)."""
 
-    # dry_run checked the plan against this cluster, node by node
-    assert "4 alive node(s)" in result["dry_run"] and "the plan fits the cluster" in result["dry_run"]
-    assert "rollout_node: 1" in result["dry_run"]
-    assert "needs 2 rollout_node but the cluster has 1" in result["dry_run_error"]
+    def __init__(self, port: int):
+        self.port, self.seen, self._done = port, False, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
 
+    def _watch(self) -> None:
+        while not self._done.is_set() and not self.seen:
+            self.seen = "ray_rlhf_step{" in scrape(self.port)
+            self._done.wait(0.25)
+
+    def __enter__(self) -> GaugeWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+
+def run_all(commands: dict[str, tuple[list[str], dict]], timeout: float) -> dict[str, subprocess.CompletedProcess]:
+    """Each ``name -> (argv, env)`` as a process in REPO, all started at once; their results."""
+    procs = {name: subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (argv, env) in commands.items()}
+    done = {}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=timeout)
+        done[name] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return done
 
 
 @pytest.mark.timeout(1200)
@@ -139,12 +102,15 @@ def test_local_multinode_script_with_token_auth(tmp_path, cache_dir):
     """cluster/local_multinode.sh: a head, a rollout node and a learner node on loopback with
     token auth; dry_run validates the node-resource plan against it; requests without the token
     are refused; two jobs submitted in a row with deploy/submit.sh (the README's flow) both
-    finish; stop leaves no process of that cluster behind."""
+    finish, each joining the cluster with every role on its node type, its logs (progress bar
+    included) streamed back and its gauges on the head's metrics endpoint; stop leaves no
+    process of that cluster behind."""
     script = REPO / "cluster" / "local_multinode.sh"
     local_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: unix socket paths
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RLHF_LOCAL_DIR=local_dir, RAY=str(Path(sys.executable).with_name("ray")), ROLLOUT_CPUS="1",
-               LEARNER_CPUS="4", HEAD_CPUS="1", PYTHONPATH=str(REPO))
+               LEARNER_CPUS="4", HEAD_CPUS="1", PYTHONPATH=str(REPO),
+               RAY_metrics_report_interval_ms="1000")  # the driver's gauges reach the endpoint within 1 s
     try:
         start = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True, timeout=240)
         assert start.returncode == 0, start.stdout + start.stderr
@@ -154,32 +120,70 @@ def test_local_multinode_script_with_token_auth(tmp_path, cache_dir):
             cluster_env[key] = value
         assert cluster_env["RAY_AUTH_MODE"] == "token"
         assert oct(Path(cluster_env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o777) == "0o600"
-        dry = [sys.executable, "-m", "rlhf_ray.train", "dry_run=true", *OVERRIDES, f"hydra.run.dir={tmp_path}"]
-        ok = subprocess.run(dry, env=cluster_env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        # no token, no cluster: neither the GCS nor the dashboard's job API answer without it
+        anonymous = dict(cluster_env, RAY_AUTH_MODE="disabled", RAY_gcs_server_port_wait_time_s="1")  # one try
+        anonymous.pop("RAY_AUTH_TOKEN_PATH")
+        dry = [sys.executable, "-m", "rlhf_ray.train", "dry_run=true", *OVERRIDES]
+        runs = run_all({
+            "fits": ([*dry, f"hydra.run.dir={tmp_path / 'd1'}"], cluster_env),
+            "too_big": ([*dry, "rollout.num_engines=2", f"hydra.run.dir={tmp_path / 'd2'}"], cluster_env),
+            "refused": ([*dry, f"hydra.run.dir={tmp_path / 'd3'}"], anonymous),
+        }, timeout=120)
+        ok = runs["fits"]
         assert ok.returncode == 0 and "the plan fits the cluster" in ok.stdout, ok.stdout + ok.stderr[-3000:]
         assert "3 alive node(s)" in ok.stdout and "rollout_node: 1" in ok.stdout
-        # no token, no cluster: neither the GCS nor the dashboard's job API answer without it
-        anonymous = dict(cluster_env, RAY_AUTH_MODE="disabled")
-        anonymous.pop("RAY_AUTH_TOKEN_PATH")
-        refused = subprocess.run(dry, env=anonymous, cwd=REPO, capture_output=True, text=True, timeout=120)
+        too_big = runs["too_big"]
+        assert too_big.returncode != 0 and "needs 2 rollout_node but the cluster has 1" in too_big.stdout + too_big.stderr, \
+            too_big.stdout + too_big.stderr[-3000:]
+        refused = runs["refused"]
         assert refused.returncode != 0 and "the plan fits" not in refused.stdout
+        assert "InvalidAuthToken" in refused.stderr, refused.stderr[-3000:]  # refused, not unreachable
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(cluster_env["RAY_API_SERVER_ADDRESS"] + "/api/jobs/", timeout=10)
         assert denied.value.code in (401, 403)
         # Two jobs in a row. When every node shared one Ray temp dir, each node's runtime-env agent
         # unpacked the uploaded working_dir into the same directory while the driver imported
         # from it, and the first job died with a ModuleNotFoundError; now each node has its own.
-        for i in (1, 2):
+        metrics_port = int(cluster_env["RLHF_METRICS_URL"].split(":")[-1].split("/")[0])  # the head's
+        for i, steps in ((1, 2), (2, 1)):
             out = tmp_path / f"job{i}"
-            job = subprocess.run(
-                ["bash", str(REPO / "deploy" / "submit.sh"), *OVERRIDES, f"trainer.output_dir={out}",
-                 f"model.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / f'hydra{i}'}"],
-                env=cluster_env, cwd=REPO, capture_output=True, text=True, timeout=540)
+            overrides = [*(o for o in OVERRIDES if not o.startswith("trainer.total_steps=")), f"trainer.total_steps={steps}"]
+            with GaugeWatcher(metrics_port) as gauges:
+                job = subprocess.run(
+                    ["bash", str(REPO / "deploy" / "submit.sh"), *overrides, f"trainer.output_dir={out}",
+                     f"model.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / f'hydra{i}'}"],
+                    env=cluster_env, cwd=REPO, capture_output=True, text=True, timeout=540)
             logs = job.stdout + job.stderr
             assert job.returncode == 0 and "run finished" in logs, f"job {i}:\n{logs[-6000:]}"
-            assert "Started a local Ray instance" not in logs
+            # the job's driver joined this cluster (RAY_ADDRESS from the job supervisor)
+            assert "resource plan" in logs and "Started a local Ray instance" not in logs
+            # full PPO steps ran across the nodes and the engine took the new weights
             summary = json.loads((out / "summary.json").read_text())
-            assert summary["steps"] == 1 and summary["engine_versions"] == {"rollout-0": 1}, summary
+            assert summary["steps"] == steps and summary["engine_versions"] == {"rollout-0": steps}, summary
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            assert [r["rollout/weight_version"] for r in rows] == [float(s + 1) for s in range(steps)]
+            assert all(r["critic/loss"] is not None and r["policy/loss"] is not None for r in rows)
+            # outputs, the trainer's console (progress bar) streamed through the job's logs, and
+            # the driver's ray_rlhf_* gauges on the head's metrics endpoint while it ran
+            assert (out / "final" / "config.json").exists() and any((out / "tensorboard").iterdir())
+            assert "rl:" in logs
+            if i == 1:  # (job 2's one step leaves its gauges only a moment before the driver exits)
+                assert gauges.seen, "the driver's ray_rlhf_* gauges never reached the head's metrics endpoint"
+        # every role of both jobs on its node type: engines on the rollout node, the rest on the
+        # learner node, nothing on the head (which has a free CPU but neither node resource)
+        listed = subprocess.run([sys.executable, "-c", PLACEMENT], env=cluster_env, cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr[-3000:]
+        expected = {"rollout-0": "rollout", "policy-0": "learner", "critic-0": "learner", "reference-0": "learner",
+                    "reward-0": "learner"}
+        placed: dict[str, set[str]] = {}
+        jobs: dict[str, set[str]] = {}
+        for name, job_id, node_type in json.loads(listed.stdout):
+            if name in expected:
+                placed.setdefault(name, set()).add(node_type)
+                jobs.setdefault(name, set()).add(job_id)
+        assert {name: sorted(types) for name, types in placed.items()} == {n: [t] for n, t in expected.items()}, placed
+        assert all(len(ids) == 2 for ids in jobs.values()), jobs  # seen for both jobs
         # one Ray temp dir per node: head, rollout node 0, learner node 0
         assert sorted(p.parent.name for p in Path(local_dir).glob("*/session_latest")) == ["h", "l0", "r0"]
     finally:
@@ -188,7 +192,3 @@ def test_local_multinode_script_with_token_auth(tmp_path, cache_dir):
         shutil.rmtree(local_dir, ignore_errors=True)
     assert stop.returncode == 0, stop.stderr
     assert not left, f"processes of the local cluster survived stop: {left}"
-
-
-if __name__ == "__main__":
-    simulate(Path(sys.argv[1]), sys.argv[2])

@@ -35,22 +35,22 @@ def train(tmp_path: Path, cache_dir: Path, overrides: list[str]) -> tuple[dict, 
     return summary, read_metrics(tmp_path)
 
 
-def test_ppo_two_of_each(ray_cluster, tmp_path, cache_dir):
-    """2 engines, 2 ZeRO-2 policy ranks, 2 critic ranks, a reference and a reward worker (the
-    default on a machine of 16+ cores; set here so every multi-worker path runs)."""
-    summary, rows = train(tmp_path, cache_dir, ["trainer.total_steps=3", "rollout.num_engines=2", "policy.num_ranks=2",
-                                                "critic.num_ranks=2", "cluster.threads_per_worker=1"])
-    assert [r["step"] for r in rows] == [1, 2, 3]
+def test_ppo_two_of_each(ppo_two_of_each, cache_dir):
+    """2 engines, 2 ZeRO-2 policy ranks, 2 critic ranks, a reference and a reward worker
+    (tests/e2e/conftest.py: the run, 4 steps, which test_faults.py also resumes)."""
+    run_dir, summary = ppo_two_of_each
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         missing = [k for k in REQUIRED + ["critic/loss"] if r.get(k) is None]
         assert not missing, missing
         # fp32 weights on both sides: vLLM and the learner agree on the new weights
         assert r["sync/check_logprob_diff"] < 1e-4
-    assert [r["rollout/weight_version"] for r in rows] == [1, 2, 3]
-    assert summary["engine_versions"] == {"rollout-0": 3, "rollout-1": 3}
-    assert (tmp_path / "summary.json").exists() and (tmp_path / "tensorboard").is_dir()
+    assert [r["rollout/weight_version"] for r in rows] == [1, 2, 3, 4]
+    assert summary["engine_versions"] == {"rollout-0": 4, "rollout-1": 4}
+    assert (run_dir / "summary.json").exists() and (run_dir / "tensorboard").is_dir()
     tiny = next(cache_dir.glob("tiny-llama-*"))
-    before, after = weights(tiny), weights(tmp_path / "final")
+    before, after = weights(tiny), weights(run_dir / "final")
     assert before.keys() == after.keys()
     changed = sum(not torch.equal(before[k], after[k]) for k in before)
     assert changed == len(before), f"only {changed}/{len(before)} tensors changed"
