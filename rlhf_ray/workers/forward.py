@@ -27,11 +27,13 @@ def shared_prompt_logits(model, sequences: torch.Tensor, attention_mask: torch.T
     a prompt (the samples of one prompt in GRPO/RLOO) take its key/value cache, and only their
     responses run on top of it. The same numbers as the full forward up to float rounding
     (attention over the same keys, the same positions), for ``n`` samples per prompt about
-    ``(n - 1) / n`` of the prompt tokens' work less. ``None`` (run the full forward) when no two
-    rows share a prompt or the model keeps no Hugging Face ``Cache``. Without autograd only: the
-    learners' training forward stays one plain pass."""
+    ``(n - 1) / n`` of the prompt tokens' work less. With autograd the prompt's activations are
+    shared too: its samples' gradients add up in them, as in the full forward. ``None`` (run the
+    full forward) when no two rows share a prompt or the model keeps no Hugging Face ``Cache``:
+    the number of forward calls depends on the data, so ZeRO-3 ranks (which gather parameters
+    collectively in every call) must not use it."""
     P = sequences.shape[1] - A
-    if P < 1 or torch.is_grad_enabled():
+    if P < 1:
         return None
     # left-padded prompts: the same ids and mask = the same prompt (a pad id inside a prompt stays apart)
     prompts, inverse = torch.unique(torch.cat([sequences[:, :P], attention_mask[:, :P]], 1), dim=0,

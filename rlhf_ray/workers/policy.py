@@ -88,7 +88,7 @@ class PolicyWorker(DeepSpeedRank):
         agg = a.agg_mode
         logprobs, entropy = response_logprobs(
             self.engine, batch.sequences, batch.attention_mask, batch.response_mask.shape[1], self.temperature,
-            with_entropy=True,
+            with_entropy=True, share_prompts=self.cfg.zero_stage < 3,  # see forward.shared_prompt_logits
         )
         mask = batch.response_mask * batch.valid[:, None]
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()

@@ -91,7 +91,7 @@ def test_shared_prompts_in_token_budget_micro_batches():
     torch.testing.assert_close(batched(fn, exp, 4, max_tokens=40) * exp.response_mask, full, rtol=1e-5, atol=1e-5)
 
 
-def test_full_forward_where_nothing_is_shared_or_gradients_are_needed():
+def test_full_forward_where_nothing_is_shared_or_no_cache_is_kept():
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(ARCHITECTURES["llama"]()).eval()
     one_each = grouped_experience(samples_per_prompt=1)
@@ -100,5 +100,26 @@ def test_full_forward_where_nothing_is_shared_or_gradients_are_needed():
     with torch.no_grad():
         assert shared_prompt_logits(model, one_each.sequences, one_each.attention_mask,
                                     one_each.response_mask.shape[1]) is None
-    # a training forward keeps one plain pass (the learners' loss and gradient are unchanged)
-    assert shared_prompt_logits(model, grouped.sequences, grouped.attention_mask, A) is None
+        # a model whose output has no Hugging Face Cache: the full forward
+        no_cache = lambda **kwargs: T.modeling_outputs.CausalLMOutput(logits=model(**kwargs).logits)  # noqa: E731
+        assert shared_prompt_logits(no_cache, grouped.sequences, grouped.attention_mask, A) is None
+
+
+def test_shared_prompt_training_forward_gives_the_full_forwards_loss_and_gradient():
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(ARCHITECTURES["llama"]()).train()
+    exp = grouped_experience()
+    A = exp.response_mask.shape[1]
+    params = list(model.parameters())
+
+    def loss_and_grads(share):
+        logprobs, entropy = response_logprobs(model, exp.sequences, exp.attention_mask, A, with_entropy=True,
+                                              share_prompts=share)
+        loss = -(logprobs * exp.response_mask).sum() / exp.response_mask.sum()
+        return loss, torch.autograd.grad(loss, params)
+
+    full, full_grads = loss_and_grads(False)
+    shared, shared_grads = loss_and_grads(True)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(shared_grads, full_grads, strict=True):  # the embeddings' too: prompt tokens count once per sample
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
