@@ -16,8 +16,8 @@ pass and 6·N·tokens per training pass (N = parameters in matmuls: all but the 
 embedding), on real tokens only (no padding), counting only the passes a step needs:
 rollout = prefill + decode of every sequence; experience = reference forward (each distinct
 prompt once: the reference runs a prompt's samples on its cache) (+ critic values forward, + the
-old-logprob forward only when the update has more than one epoch or minibatch);
-update = policy (+ critic) training. The peak is the fp32 matmul rate this script measures
+old-logprob forward only when the update has more than one epoch or minibatch); update = policy
+training (each distinct prompt once, as the reference) (+ critic training). The peak is the fp32 matmul rate this script measures
 itself with all the machine's cores (``torch.get_num_threads()`` = the cores). Prints numbers;
 asserts nothing.
 """
@@ -114,12 +114,13 @@ def report(name: str, algo: str, startup: float, summary: dict, rows: list[dict]
     seq_tokens = prompt + response
     critic = algo in ("ppo", "a2c")
     n_pol, n_crit = n
-    # reference (each distinct prompt once) + critic values (old logprobs not needed)
+    # the reference forward and the policy's training pass run each distinct prompt once
+    # (workers/forward.shared_prompt_logits; ZeRO 0-2), the critic every row (old logprobs not needed)
     reference_tokens = prompt / samples_per_prompt + response
     flops = {
         "rollout": 2 * n_pol * seq_tokens,
         "experience": 2 * n_pol * reference_tokens + (2 * n_crit * seq_tokens if critic else 0),
-        "update": 6 * (n_pol + (n_crit if critic else 0)) * seq_tokens,
+        "update": 6 * n_pol * reference_tokens + (6 * n_crit * seq_tokens if critic else 0),
     }
     phases = {p: mean(f"timing/{p}") for p in PHASES}
     out = {
