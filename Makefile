@@ -31,7 +31,7 @@ test: $(STAMP)
 FAST_TESTS := tests/algo tests/data tests/models/test_build.py tests/models/test_model_dir.py tests/test_config.py tests/test_experience.py \
 	tests/test_trainer.py tests/test_runtime.py tests/test_checkpoint.py tests/test_evaluate.py tests/test_pipeline.py \
 	tests/test_topology.py tests/test_start_all.py tests/test_micro_batches.py tests/workers/test_policy_loss.py \
-	tests/test_staleness.py tests/test_async_controller.py tests/test_readme_example.py
+	tests/test_staleness.py tests/test_async_controller.py tests/test_readme_example.py tests/workers/test_forward.py
 test-fast: $(STAMP)
 	$(PY) -m pytest $(FAST_TESTS) $(PYTEST_ARGS)
 
