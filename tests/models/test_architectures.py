@@ -15,7 +15,6 @@ import time
 
 import pytest
 import torch
-import transformers as T
 
 from rlhf_ray.batch import pad_samples
 from rlhf_ray.config import AlgoConfig, Config, LearnerConfig, RolloutConfig, SyncConfig
@@ -28,23 +27,13 @@ from rlhf_ray.sampling import stop_token_ids
 from rlhf_ray.sync.coordinator import WeightSync
 from rlhf_ray.workers.policy import PolicyWorker
 from rlhf_ray.workers.rollout import RolloutWorker
+from tests.models.architectures import architecture_configs
 
 pytestmark = pytest.mark.e2e
 
-# Head size 32 (vLLM's CPU attention takes 32, 64, 80, 96, 112, 128, ...); GQA where the
-# architecture has it; Qwen2 and Gemma tie the output layer to the embeddings, Qwen2 has q/k/v
-# biases, GPT-NeoX fuses q/k/v with biases and partial rotary, Phi-3 fuses qkv and gate/up.
-COMMON = dict(vocab_size=104, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-              max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-ARCHITECTURES = {
-    "llama": lambda: T.LlamaConfig(num_key_value_heads=1, **COMMON),
-    "qwen2": lambda: T.Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **COMMON),
-    "qwen3": lambda: T.Qwen3Config(num_key_value_heads=1, head_dim=32, **COMMON),
-    "mistral": lambda: T.MistralConfig(num_key_value_heads=1, head_dim=32, **COMMON),
-    "gemma": lambda: T.GemmaConfig(num_key_value_heads=1, head_dim=32, **COMMON),
-    "gpt_neox": lambda: T.GPTNeoXConfig(**COMMON),
-    "phi3": lambda: T.Phi3Config(num_key_value_heads=2, **COMMON),
-}
+ARCHITECTURES = architecture_configs(
+    vocab_size=104, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+    max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MAX_NEW = 8
 TOK = build_char_tokenizer()
 EOS_IDS = [TOK.eos_token_id] + [TOK.convert_tokens_to_ids(c) for c in "01234"]  # generation_config

@@ -12,19 +12,13 @@ import transformers as T
 from rlhf_ray.batch import RolloutSample, pad_samples
 from rlhf_ray.micro_batches import plan
 from rlhf_ray.workers.forward import batched, response_logprobs, shared_prompt_logits
+from tests.models.architectures import architecture_configs
 
-# the architectures of tests/models/test_architectures.py (GQA, tied and fused projections,
-# q/k/v biases, partial rotary), smaller, and two with sliding-window attention
+# every supported architecture (tests/models/architectures.py), smaller, and two with sliding-window attention
 COMMON = dict(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
               max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ARCHITECTURES = {
-    "llama": lambda: T.LlamaConfig(num_key_value_heads=1, **COMMON),
-    "qwen2": lambda: T.Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **COMMON),
-    "qwen3": lambda: T.Qwen3Config(num_key_value_heads=1, head_dim=32, **COMMON),
-    "mistral": lambda: T.MistralConfig(num_key_value_heads=1, head_dim=32, **COMMON),
-    "gemma": lambda: T.GemmaConfig(num_key_value_heads=1, head_dim=32, **COMMON),
-    "gpt_neox": lambda: T.GPTNeoXConfig(**COMMON),
-    "phi3": lambda: T.Phi3Config(num_key_value_heads=2, **COMMON),
+    **architecture_configs(**COMMON),
     # sliding-window caches keep only the last 3 keys (the prompts are longer): every layer, and
     # Gemma 2's alternating sliding/global layers
     "mistral_window": lambda: T.MistralConfig(num_key_value_heads=1, head_dim=32, sliding_window=3, **COMMON),
