@@ -42,10 +42,10 @@ class SupervisedGroup(DeepSpeedGroup):
         return {k: sum(r[k] for r in results) for k in results[0]}
 
 
-def worker_env(cluster: ClusterConfig) -> dict[str, str]:
+def worker_env(cluster: ClusterConfig, overlapping: bool = True) -> dict[str, str]:
     from rlhf_ray.runtime import worker_env as env_of
 
-    return env_of(Config(cluster=cluster))
+    return env_of(Config(cluster=cluster), overlapping)
 
 
 def supervised_plan(role: str, cfg: LearnerConfig, cluster: ClusterConfig) -> RolePlan:
@@ -57,11 +57,12 @@ def supervised_plan(role: str, cfg: LearnerConfig, cluster: ClusterConfig) -> Ro
 def start_group(role: str, worker_cls: type, cfg: LearnerConfig, cluster: ClusterConfig, model_path: str, *,
                 dtype: str, seed: int, total_optimizer_steps: int, trust_remote_code: bool) -> SupervisedGroup:
     """Spawn the ranks of a supervised stage and wire their DeepSpeed world."""
+    env = worker_env(cluster, overlapping=False)  # the ranks compute on disjoint shares of the cores
     group = SupervisedGroup(supervised_plan(role, cfg, cluster), worker_cls, lambda i, name: dict(
         name=name, rank=i, world_size=cfg.num_ranks, cfg=cfg, model_path=model_path, device=cluster.device,
         dtype=dtype, seed=seed, threads=cluster.threads_per_worker, gradient_accumulation_steps=1,
         total_optimizer_steps=total_optimizer_steps, trust_remote_code=trust_remote_code,
-    ), namespace=cluster.namespace, timeout_s=cluster.call_timeout_s, env=worker_env(cluster))
+    ), namespace=cluster.namespace, timeout_s=cluster.call_timeout_s, env=env)
     try:
         group.start()  # placed, constructed, DeepSpeed world wired
     except BaseException:

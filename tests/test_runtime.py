@@ -90,3 +90,22 @@ def test_only_runtime_calls_ray_init():
 def test_run_dir_outside_hydra():
     assert runtime.run_dir("/tmp/x") == Path("/tmp/x")
     assert runtime.run_dir("") == Path("outputs/run")
+
+
+def test_openmp_threads_sleep_where_workers_overlap_and_spin_briefly_where_they_do_not(monkeypatch):
+    from rlhf_ray.config import Config
+    from rlhf_ray.stage import worker_env as stage_env
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    rl = runtime.worker_env(Config())  # RL run (and evaluation): roles compute on the same cores at once
+    assert rl["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in rl
+    supervised = stage_env(ClusterConfig(), overlapping=False)  # SFT / reward-model ranks
+    assert supervised["GOMP_SPINCOUNT"] == runtime.OMP_SPIN_COUNT and "OMP_WAIT_POLICY" not in supervised
+    assert supervised["OMP_NUM_THREADS"] == rl["OMP_NUM_THREADS"] == str(ClusterConfig().threads_per_worker)
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the driver's own choice wins everywhere
+    for env in (runtime.worker_env(Config()), stage_env(ClusterConfig(), overlapping=False)):
+        assert env["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in env
+    gpu = runtime.worker_env(Config(cluster=ClusterConfig(device="cuda")))
+    assert "OMP_WAIT_POLICY" not in gpu and "GOMP_SPINCOUNT" not in gpu
