@@ -83,3 +83,42 @@ def batched(fn, exp: Experience, micro_batch_size: int, max_tokens: int = 0, min
         for rows, mb in micro_batches(exp, micro_batch_size, max_tokens, min_count)
     ]
     return scatter_rows(parts, len(exp), exp.response_mask.shape[1])
+
+
+def shared_prefix_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor | None:
+    """(N,) scores of a sequence classifier (``model.base_model`` + its ``score`` head) on N = B x k
+    right-padded rows, ``k`` per group (a ranking's completions of one prompt), with each group's
+    common token prefix run once and its rows' remaining tokens run on that prefix's key/value
+    cache; each row is scored at its last real token, as the classifier's own forward does. The
+    same numbers as the full forward up to float rounding, with autograd too (the prefix's
+    activations collect its rows' gradients). ``None`` (run the full forward) when the model has
+    no ``score`` head or keeps no Hugging Face ``Cache``, or a group's rows share no first token.
+    The number of forward calls is fixed (two), but ZeRO-3 callers keep the plain forward."""
+    base, head = getattr(model, "base_model", None), getattr(model, "score", None)
+    if base is None or base is model or not isinstance(head, torch.nn.Module) or k < 2:
+        return None
+    n, t = input_ids.shape
+    ids, mask = input_ids.view(-1, k, t), attention_mask.view(-1, k, t).bool()
+    lengths = mask.sum(-1)  # (B, k)
+    agree = ((ids == ids[:, :1]) & mask).all(1)  # (B, t): every row of the group has this real token
+    common = torch.minimum(agree.long().cumprod(-1).sum(-1), lengths.min(1).values - 1)  # each row keeps >= 1 own token
+    if bool((common < 1).any()):
+        return None
+    b, P, A = len(common), int(common.max()), int((lengths - common[:, None]).max())
+    prefix, prefix_mask = ids.new_zeros(b, P), ids.new_zeros(b, P)  # left-padded
+    rest, rest_mask = ids.new_zeros(n, A), ids.new_zeros(n, A)  # right-padded
+    for i, c in enumerate(common.tolist()):
+        prefix[i, P - c:], prefix_mask[i, P - c:] = ids[i, 0, :c], 1
+        for j in range(k):
+            m = int(lengths[i, j]) - c
+            rest[i * k + j, :m], rest_mask[i * k + j, :m] = ids[i, j, c : c + m], 1
+    out = base(input_ids=prefix, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(torch.arange(b, device=ids.device).repeat_interleave(k))
+    full = torch.cat([prefix_mask.repeat_interleave(k, 0), rest_mask], 1)
+    hidden = base(input_ids=rest, attention_mask=full, position_ids=position_ids(full)[:, P:], past_key_values=cache,
+                  use_cache=True).last_hidden_state
+    last = hidden[torch.arange(n, device=ids.device), rest_mask.sum(-1) - 1]  # (N, H): each row's last real token
+    return head(last)[:, 0]

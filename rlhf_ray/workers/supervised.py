@@ -27,6 +27,7 @@ from rlhf_ray.data.datasets import DataError
 from rlhf_ray.faults import maybe_fail
 from rlhf_ray.models import load_causal_lm, load_reward_model
 from rlhf_ray.workers.deepspeed_rank import DeepSpeedRank
+from rlhf_ray.workers.forward import shared_prefix_scores
 
 
 class _Rows:
@@ -200,11 +201,14 @@ class RewardModelWorker(DeepSpeedRank):
         return model
 
     def _rewards(self, batch: RankingBatch) -> torch.Tensor:
-        """(B, K) scalar reward of every completion."""
+        """(B, K) scalar reward of every completion. Under ZeRO 0-2 the K completions of a
+        ranking share one pass over their common prefix (the prompt; ``shared_prefix_scores``)."""
         b, k, t = batch.input_ids.shape
-        out = self.engine(input_ids=batch.input_ids.reshape(b * k, t),
-                          attention_mask=batch.attention_mask.reshape(b * k, t))
-        return out.logits[:, 0].float().view(b, k)
+        ids, mask = batch.input_ids.reshape(b * k, t), batch.attention_mask.reshape(b * k, t)
+        scores = shared_prefix_scores(self.engine.module, ids, mask, k) if self.cfg.zero_stage < 3 else None
+        if scores is None:
+            scores = self.engine(input_ids=ids, attention_mask=mask).logits[:, 0]
+        return scores.float().view(b, k)
 
     def train(self, batch: RankingBatch, steps: int) -> dict[str, float]:
         """``steps`` optimizer steps; metrics ``reward_model/loss``, ``reward_model/accuracy``."""

@@ -117,3 +117,56 @@ def test_shared_prompt_training_forward_gives_the_full_forwards_loss_and_gradien
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
     for a, b in zip(shared_grads, full_grads, strict=True):  # the embeddings' too: prompt tokens count once per sample
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def classifier_config(arch: str):
+    config = ARCHITECTURES[arch]()
+    config.num_labels = 1
+    return config
+
+
+def ranking_rows(k: int = 4):
+    """Rankings as the reward model's batches hold them: ``prompt + completion`` right-padded,
+    ``k`` rows per ranking; prompts of different lengths (one of a single token), completions of
+    1 to 6 tokens, one pair of completions that agree on their first token (a longer common prefix)."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [[5, 9, 7, 7], [11], [4, 4, 4, 4, 4, 6]]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        first = torch.randint(3, 40, (1,), generator=g).tolist()
+        for j in range(k):
+            tail = torch.randint(3, 40, (1 + (i * k + j) % 6,), generator=g).tolist()
+            rows.append(prompt + (first + tail if j < 2 else tail))
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    return ids, (ids != 0).long() * (torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]).long()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "gemma2_window"])
+def test_shared_prefix_scores_equal_the_classifiers_own_forward_with_gradient(arch):
+    from rlhf_ray.workers.forward import shared_prefix_scores
+
+    torch.manual_seed(0)
+    model = T.AutoModelForSequenceClassification.from_config(classifier_config(arch)).eval()
+    ids, mask = ranking_rows()
+    full = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    full.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    counted = CountingModel(model.base_model)
+    model_view = type("RM", (), {"base_model": counted, "score": model.score})()
+    shared = shared_prefix_scores(model_view, ids, mask, k=4)
+    assert counted.calls == 2 and counted.tokens < ids.numel() * 0.75  # the prompts ran once
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-4)
+    shared.square().sum().backward()
+    for n, p in model.named_parameters():
+        if n in want:
+            torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_shared_prefix_scores_fall_back_when_a_ranking_shares_nothing():
+    from rlhf_ray.workers.forward import shared_prefix_scores
+
+    model = T.AutoModelForSequenceClassification.from_config(classifier_config("llama"))
+    ids = torch.tensor([[5, 6, 7], [8, 6, 0]])  # different first tokens
+    assert shared_prefix_scores(model, ids, (ids != 0).long(), k=2) is None
