@@ -55,9 +55,12 @@ def supervised_plan(role: str, cfg: LearnerConfig, cluster: ClusterConfig) -> Ro
 
 
 def start_group(role: str, worker_cls: type, cfg: LearnerConfig, cluster: ClusterConfig, model_path: str, *,
-                dtype: str, seed: int, total_optimizer_steps: int, trust_remote_code: bool) -> SupervisedGroup:
-    """Spawn the ranks of a supervised stage and wire their DeepSpeed world."""
-    env = worker_env(cluster, overlapping=False)  # the ranks compute on disjoint shares of the cores
+                dtype: str, seed: int, total_optimizer_steps: int, trust_remote_code: bool,
+                overlapping: bool = True) -> SupervisedGroup:
+    """Spawn the ranks of a supervised stage and wire their DeepSpeed world. ``overlapping``:
+    other workers compute on the same cores meanwhile (the feedback loop's reward model beside
+    an RL run), not so for a stage of its own (``runtime.omp_wait_env``)."""
+    env = worker_env(cluster, overlapping)
     group = SupervisedGroup(supervised_plan(role, cfg, cluster), worker_cls, lambda i, name: dict(
         name=name, rank=i, world_size=cfg.num_ranks, cfg=cfg, model_path=model_path, device=cluster.device,
         dtype=dtype, seed=seed, threads=cluster.threads_per_worker, gradient_accumulation_steps=1,
@@ -165,7 +168,8 @@ def train_supervised(cfg, run_dir: Path, *, role: str, worker_cls: type,
     start = time.perf_counter()
     group = start_group(role, worker_cls, cfg.learner, cfg.cluster, base, dtype=cfg.model.dtype, seed=cfg.seed,
                         total_optimizer_steps=cfg.epochs * steps_per_epoch(len(train), cfg.learner),
-                        trust_remote_code=cfg.model.trust_remote_code)
+                        trust_remote_code=cfg.model.trust_remote_code,
+                        overlapping=False)  # the stage's ranks compute on disjoint shares of the cores
     try:
         before = summarize(group.evaluate(held_out))
         evaluations = fit_supervised(group, train, held_out, epochs=cfg.epochs, steps_per_call=cfg.steps_per_call,
