@@ -22,6 +22,18 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     return logits.float() / temperature
 
 
+def prefix_once(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor):
+    """Run the left-padded prefixes ``ids`` once with a key/value cache; returns the output and
+    the cache with prefix ``rows[i]``'s keys and values as row i, for the rows' own tokens to run
+    on. ``None`` when the model keeps no Hugging Face ``Cache`` (the caller runs the full forward)."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(rows)
+    return out, cache
+
+
 def shared_prompt_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, A: int) -> torch.Tensor | None:
     """The logits of :func:`response_logits` with each distinct prompt run once: rows that share
     a prompt (the samples of one prompt in GRPO/RLOO) take its key/value cache, and only their
@@ -40,16 +52,13 @@ def shared_prompt_logits(model, sequences: torch.Tensor, attention_mask: torch.T
                                     return_inverse=True)
     if len(prompts) == len(sequences):
         return None
-    prompt_ids, prompt_mask = prompts[:, :P], prompts[:, P:]
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                use_cache=True)
-    cache = getattr(out, "past_key_values", None)
-    if not hasattr(cache, "batch_select_indices"):
+    ran = prefix_once(model, prompts[:, :P], prompts[:, P:], inverse)
+    if ran is None:
         return None
+    out, cache = ran
     first = out.logits[:, -1:][inverse]  # the last prompt token predicts the first response token
     if A == 1:
         return first
-    cache.batch_select_indices(inverse)  # every row's copy of its prompt's keys and values
     rest = model(input_ids=sequences[:, P:-1], attention_mask=attention_mask[:, :-1],
                  position_ids=position_ids(attention_mask)[:, P:-1], past_key_values=cache, use_cache=True)
     return torch.cat([first, rest.logits], 1)
@@ -112,11 +121,10 @@ def shared_prefix_scores(model, input_ids: torch.Tensor, attention_mask: torch.T
         for j in range(k):
             m = int(lengths[i, j]) - c
             rest[i * k + j, :m], rest_mask[i * k + j, :m] = ids[i, j, c : c + m], 1
-    out = base(input_ids=prefix, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask), use_cache=True)
-    cache = getattr(out, "past_key_values", None)
-    if not hasattr(cache, "batch_select_indices"):
+    ran = prefix_once(base, prefix, prefix_mask, torch.arange(b, device=ids.device).repeat_interleave(k))
+    if ran is None:
         return None
-    cache.batch_select_indices(torch.arange(b, device=ids.device).repeat_interleave(k))
+    _, cache = ran
     full = torch.cat([prefix_mask.repeat_interleave(k, 0), rest_mask], 1)
     hidden = base(input_ids=rest, attention_mask=full, position_ids=position_ids(full)[:, P:], past_key_values=cache,
                   use_cache=True).last_hidden_state
