@@ -108,7 +108,7 @@ def main() -> None:
     model_dir = str(build_tiny_llama(os.path.join(tempfile.mkdtemp(prefix="lora_bench_"), "model"),
                                      hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads))
     n_params = sum(p.numel() for p in load_causal_lm(model_dir).parameters())
-    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
     try:
         results = {mode: run_mode(mode, args, model_dir) for mode in args.modes.split(",")}
     finally:

@@ -54,7 +54,7 @@ launch() {  # launch NAME TEMP ARGS...: `ray start --block` in its own session w
   echo "$! $name" >>"$DIR/pids"
 }
 
-wait_nodes() {  # wait until the cluster reports $1 alive nodes
+wait_nodes() {  # wait until the cluster has $1 alive nodes; else name the node types alive
   local want=$1
   local deadline=$((SECONDS + ${START_TIMEOUT_S:-180}))
   while ((SECONDS < deadline)); do
@@ -65,9 +65,18 @@ ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="
 alive = sum(n["Alive"] for n in ray.nodes())
 sys.exit(0 if alive >= int(sys.argv[1]) else 1)
 EOF
-    sleep 2
+    sleep 1
   done
-  echo "cluster did not reach $want nodes; logs in $DIR/*.log" >&2
+  local alive
+  alive=$("$PYTHON" - <<'EOF' 2>/dev/null || echo "none: the head's GCS does not answer"
+import collections, os
+import ray
+ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="ERROR")
+kinds = collections.Counter(n["Labels"].get("rlhf-ray/node-type", "?") for n in ray.nodes() if n["Alive"])
+print(", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none")
+EOF
+)
+  echo "cluster did not reach $want nodes in ${START_TIMEOUT_S:-180} s (alive: $alive); logs in $DIR/*.log" >&2
   return 1
 }
 
@@ -96,7 +105,7 @@ start() {
     --labels="rlhf-ray/node-type=head"
   export RAY_ADDRESS=127.0.0.1:$GCS
   wait_nodes 1 || { stop; exit 1; }
-  # one node at a time, so that a node that fails to come up is named in the error
+  # every other node at once; if one does not come up, the error lists the node types alive
   local i kind nodes=1
   for kind in rollout learner; do
     local count=$ROLLOUT_NODES cpus=$ROLLOUT_CPUS
@@ -109,9 +118,9 @@ start() {
         --dashboard-agent-listen-port="$AGENT" --dashboard-agent-grpc-port="$AGENT_GRPC" \
         --runtime-env-agent-port="$RTENV" --metrics-export-port="$NODE_METRICS"
       nodes=$((nodes + 1))
-      wait_nodes "$nodes" || { stop; exit 1; }
     done
   done
+  wait_nodes "$nodes" || { stop; exit 1; }
   {
     echo "export RAY_ADDRESS=$RAY_ADDRESS"
     echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH"
@@ -146,17 +155,25 @@ stop() {
     echo "no $DIR/pids: nothing started here" >&2
     return 0
   fi
-  local pid name left
-  # worker nodes first (they drain through the head's GCS), the head last. Each `ray start
-  # --block` leads its own process group: TERM the group, wait for it, KILL it if it hangs.
-  while read -r pid name; do
-    kill -TERM -- "-$pid" 2>/dev/null || continue
-    for _ in $(seq 1 20); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.5
+  local pid name left kind
+  # The worker nodes first (they drain through the head's GCS), then the head. TERM goes to
+  # each node's `ray start --block` alone: it drains its node and stops the node's processes
+  # (TERM to its whole process group also hits the head's GCS, and the head's drain then hangs).
+  # What a node leaves after 20 s is KILLed with its process group.
+  for kind in worker head; do
+    local group=()
+    while read -r pid name; do
+      if [[ $kind == head ]]; then [[ $name == head ]] || continue; else [[ $name != head ]] || continue; fi
+      kill -TERM "$pid" 2>/dev/null && group+=("$pid")
+    done <"$DIR/pids"
+    for _ in $(seq 1 200); do
+      left=0
+      for pid in "${group[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+      ((left)) || break
+      sleep 0.1
     done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  done < <(tac "$DIR/pids")
+    for pid in "${group[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  done
   # whatever is left of ours (workers in process groups of their own)
   for _ in $(seq 1 10); do
     left=$(own_pids)

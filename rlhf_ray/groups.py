@@ -43,7 +43,8 @@ class Group:
             remote_cls.options(
                 name=name, namespace=namespace, num_cpus=plan.cpus, num_gpus=plan.gpus,
                 max_restarts=max_restarts, max_task_retries=max_task_retries, max_concurrency=max_concurrency,
-                runtime_env={"env_vars": env or {}},
+                # the GC rests while the worker imports its stack (rlhf_ray/__init__.py)
+                runtime_env={"env_vars": {**(env or {}), "RLHF_RAY_START_UP_GC": "off"}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(**kwargs_for(i, name))
             for i, name in enumerate(self.names)

@@ -109,3 +109,33 @@ def test_openmp_threads_sleep_where_workers_overlap_and_spin_briefly_where_they_
         assert env["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in env
     gpu = runtime.worker_env(Config(cluster=ClusterConfig(device="cuda")))
     assert "OMP_WAIT_POLICY" not in gpu and "GOMP_SPINCOUNT" not in gpu
+
+
+START_UP = """
+import gc, os, subprocess, sys
+import rlhf_ray
+print(gc.isenabled(), "RLHF_RAY_START_UP_GC" in os.environ)
+import torch  # the worker's stack, imported with the GC off
+from rlhf_ray.workers.common import started_up
+started_up()
+print(gc.isenabled(), gc.get_freeze_count() > 0)
+print(subprocess.run([sys.executable, "-c", "import gc, rlhf_ray; print(gc.isenabled())"],
+                     capture_output=True, text=True, check=True).stdout.strip())
+"""
+
+
+@pytest.mark.parametrize("flag,before", [("off", "False"), ("", "True")])
+def test_a_workers_gc_rests_while_it_imports_and_is_back_once_started(flag, before):
+    """Workers are spawned with RLHF_RAY_START_UP_GC=off (rlhf_ray.groups): importing the package
+    turns the GC off and drops the variable, so processes the worker spawns start as usual;
+    ``started_up`` freezes the start-up heap and turns the GC on. Without the variable (a driver,
+    a user's script) nothing changes. Every worker of a real run: tests/e2e/test_async.py."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RLHF_RAY_START_UP_GC"}
+    if flag:
+        env["RLHF_RAY_START_UP_GC"] = flag
+    out = subprocess.run([sys.executable, "-c", START_UP], env=env, capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout.split("\n")
+    assert out[:3] == [f"{before} False", "True True", "True"], out

@@ -37,6 +37,7 @@ from rlhf_ray.config import LoRAConfig, RolloutConfig
 from rlhf_ray.faults import maybe_fail
 from rlhf_ray.sampling import sampling_params
 from rlhf_ray.sync.buckets import TensorMeta
+from rlhf_ray.workers.common import started_up
 
 RECEIVER = "rlhf_ray.sync.receiver.WeightReceiver"
 
@@ -67,6 +68,7 @@ class RolloutWorker:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        started_up()
         self.name, self.cfg, self.model_path = name, cfg, model_path
         extra = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if device == "cuda" else {}
         if lora is not None:  # one adapter at a time (the current policy version), on its modules only

@@ -12,6 +12,7 @@ worker groups (2 engines, 1 policy rank, GRPO) is shared by every run of this mo
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -58,6 +59,17 @@ def stack(ray_cluster, cache_dir, tmp_path_factory):
 
     yield fit, groups
     groups.shutdown()
+
+
+def test_every_worker_has_its_gc_back_after_start_up(stack):
+    """Workers import their stack with the GC off (rlhf_ray/__init__.py); each role turns it
+    back on, over a frozen start-up heap, once its imports are done."""
+    _, groups = stack
+    for group in groups.all():
+        for worker, state in zip(group.workers, group.get(
+                [w.__ray_call__.remote(lambda self: (gc.isenabled(), gc.get_freeze_count() > 0)) for w in group.workers],
+                "gc"), strict=True):
+            assert state == (True, True), (worker, state)
 
 
 def test_max_staleness_zero_is_the_synchronous_step(stack, tmp_path):

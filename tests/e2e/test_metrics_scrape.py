@@ -40,7 +40,7 @@ STEP = {
 CHILD = """
 import json, sys, tempfile, ray
 port = int(sys.argv[1])
-ray.init(num_cpus=1, include_dashboard=False, object_store_memory=128 * 2**20, _metrics_export_port=port,
+ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=128 * 2**20, _metrics_export_port=port,
          _system_config={"metrics_report_interval_ms": 1000})
 from rlhf_ray.metrics import MetricsLogger, set_samples_in_flight
 logger = MetricsLogger(tempfile.mkdtemp(), total_steps=5, tensorboard=False)

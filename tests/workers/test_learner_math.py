@@ -76,19 +76,24 @@ def experience(n: int = 8):
     return exp
 
 
-def group(role: str, cls, ranks: int, cfg: LearnerConfig, tiny: str, gas: int, **kw) -> DeepSpeedGroup:
-    kind = PolicyGroup if issubclass(cls, PolicyWorker) else DeepSpeedGroup
-    g = kind(RolePlan(role, ranks, 1.0, 0, "PACK"), cls, lambda i, name: dict(
-        name=name, rank=i, world_size=ranks, cfg=cfg, model_path=tiny, algo=AlgoConfig(epochs=1, minibatches=1),
-        gradient_accumulation_steps=gas, total_optimizer_steps=4, **kw,
-    ), namespace="rlhf_ray_tests", timeout_s=600, env={"DS_ACCELERATOR": "cpu"})
+def groups(tiny: str, *specs: tuple[str, type, int, LearnerConfig, int]) -> list[DeepSpeedGroup]:
+    """One started group per ``(role, cls, ranks, cfg, gas)``: all spawned at once, so their
+    workers' start-ups overlap, then each one's DeepSpeed world initialised."""
+    spawned = []
     try:
-        g.ready()
-        g.init_world()
+        for role, cls, ranks, cfg, gas in specs:
+            kind = PolicyGroup if issubclass(cls, PolicyWorker) else DeepSpeedGroup
+            spawned.append(kind(RolePlan(role, ranks, 1.0, 0, "PACK"), cls, lambda i, name, ranks=ranks, cfg=cfg, gas=gas: dict(
+                name=name, rank=i, world_size=ranks, cfg=cfg, model_path=tiny, algo=AlgoConfig(epochs=1, minibatches=1),
+                gradient_accumulation_steps=gas, total_optimizer_steps=4,
+            ), namespace="rlhf_ray_tests", timeout_s=600, env={"DS_ACCELERATOR": "cpu"}))
+        for g in spawned:
+            g.start()
     except BaseException:
-        g.shutdown()
+        for g in spawned:
+            g.shutdown()
         raise
-    return g
+    return spawned
 
 
 def update(g: DeepSpeedGroup, exp, policy: bool) -> list[dict]:
@@ -115,22 +120,20 @@ def test_two_ranks_of_unequal_micro_batches_give_the_full_batch_gradient(ray_clu
     # budget 24: rank 0 packs its rows into 3 micro-batches, rank 1 into 2 (+ 1 empty filler)
     budget_cfg = LearnerConfig(num_ranks=2, micro_batch_size=2, lr=lr, max_tokens_per_micro_batch=24)
     exp = experience()
-    full = group(f"{role_cls}_full", cls, 1, full_cfg, tiny, gas=1)
+    specs = [(f"{role_cls}_full", cls, 1, full_cfg, 1), (f"{role_cls}_dp", cls, 2, dp_cfg, 2)]
+    if role_cls == "policy":
+        specs.append((f"{role_cls}_budget", cls, 2, budget_cfg, 2))
+    full, *dps = groups(tiny, *specs)
     try:
         if role_cls == "policy":
             exp.old_logprobs = full.compute_logprobs(exp) + 0.05 * exp.response_mask  # ratios != 1
         expected = update(full, exp, role_cls == "policy")[0]
+        for dp in dps:
+            for g in update(dp, exp, role_cls == "policy"):  # every rank sees the same full gradient
+                assert_same_grads(g, expected)
     finally:
-        full.shutdown()
-    configs = [dp_cfg, budget_cfg] if role_cls == "policy" else [dp_cfg]
-    for i, cfg in enumerate(configs):
-        dp = group(f"{role_cls}_dp{i}", cls, 2, cfg, tiny, gas=2)
-        try:
-            grads = update(dp, exp, role_cls == "policy")
-        finally:
-            dp.shutdown()
-        for g in grads:  # every rank sees the same full gradient
-            assert_same_grads(g, expected)
+        for g in (full, *dps):
+            g.shutdown()
 
 
 def test_update_without_old_logprobs_equals_update_with_them(ray_cluster, tiny):
@@ -139,8 +142,7 @@ def test_update_without_old_logprobs_equals_update_with_them(ray_cluster, tiny):
     cfg = LearnerConfig(num_ranks=1, micro_batch_size=4, lr=1e-5)
     exp = experience()
     exp.rollout_logprobs = exp.rollout_logprobs * 0 - 3.0
-    with_old = group("policy_old", ProbePolicy, 1, cfg, tiny, gas=2)
-    without = group("policy_none", ProbePolicy, 1, cfg, tiny, gas=2)
+    with_old, without = groups(tiny, ("policy_old", ProbePolicy, 1, cfg, 2), ("policy_none", ProbePolicy, 1, cfg, 2))
     try:
         before = with_old.get([with_old.workers[0].weights.remote()], "weights")[0]
         computed = replace(exp, old_logprobs=with_old.compute_logprobs(exp))
