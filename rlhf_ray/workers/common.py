@@ -10,12 +10,17 @@ import torch
 
 
 def started_up() -> None:
-    """The worker's imports are done: freeze what they built (the GC never scans those objects
-    again, as vLLM does after its own start-up) and turn the GC back on if its start-up turned
-    it off (rlhf_ray/__init__.py). vLLM's engine start collects the whole heap five times
-    (1.4 s on this machine); over a frozen heap that is a few milliseconds."""
-    gc.freeze()
-    gc.enable()
+    """A spawned worker's imports are done: if its start-up paused the GC (rlhf_ray/__init__.py),
+    freeze what the imports built (the GC never scans those objects again, as vLLM does after
+    its own start-up) and turn the GC back on. vLLM's engine start collects the whole heap five
+    times (1.4 s on this machine); over a frozen heap that takes milliseconds. A worker built in
+    some other process (a test, a notebook) leaves that process's GC as it is."""
+    import rlhf_ray
+
+    if rlhf_ray.start_up_gc_paused:
+        rlhf_ray.start_up_gc_paused = False
+        gc.freeze()
+        gc.enable()
 
 
 def setup_process(threads: int, seed: int) -> None:
