@@ -54,29 +54,26 @@ launch() {  # launch NAME TEMP ARGS...: `ray start --block` in its own session w
   echo "$! $name" >>"$DIR/pids"
 }
 
-wait_nodes() {  # wait until the cluster has $1 alive nodes; else name the node types alive
-  local want=$1
-  local deadline=$((SECONDS + ${START_TIMEOUT_S:-180}))
-  while ((SECONDS < deadline)); do
-    if "$PYTHON" - "$want" <<'EOF' 2>/dev/null; then return 0; fi
-import os, sys
-import ray
-ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="ERROR")
-alive = sum(n["Alive"] for n in ray.nodes())
-sys.exit(0 if alive >= int(sys.argv[1]) else 1)
-EOF
-    sleep 1
-  done
-  local alive
-  alive=$("$PYTHON" - <<'EOF' 2>/dev/null || echo "none: the head's GCS does not answer"
-import collections, os
+alive_nodes() {  # print the alive node types ("head x1, rollout x1"); succeed once there are $1 nodes
+  timeout 30 "$PYTHON" - "$1" 2>/dev/null <<'EOF'  # ray.init waits on and on for a head that never started
+import collections, os, sys
 import ray
 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="ERROR")
 kinds = collections.Counter(n["Labels"].get("rlhf-ray/node-type", "?") for n in ray.nodes() if n["Alive"])
 print(", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none")
+sys.exit(0 if sum(kinds.values()) >= int(sys.argv[1]) else 1)
 EOF
-)
-  echo "cluster did not reach $want nodes in ${START_TIMEOUT_S:-180} s (alive: $alive); logs in $DIR/*.log" >&2
+}
+
+wait_nodes() {  # wait until the cluster has $1 alive nodes; else name the node types alive
+  local want=$1 alive=""
+  local deadline=$((SECONDS + ${START_TIMEOUT_S:-180}))
+  while ((SECONDS < deadline)); do
+    if alive=$(alive_nodes "$want"); then return 0; fi
+    sleep 1
+  done
+  echo "cluster did not reach $want nodes in ${START_TIMEOUT_S:-180} s (alive: ${alive:-none, the head does not answer});" \
+    "logs in $DIR/*.log" >&2
   return 1
 }
 
@@ -150,30 +147,32 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 EOF
 }
 
+stop_nodes() {  # stop_nodes PID...: TERM each node's `ray start --block`, KILL its group after 20 s
+  # TERM goes to `ray start` alone: it drains its node and stops the node's processes (TERM to
+  # its whole process group also hits the head's GCS, and the head's drain then hangs).
+  local pid left
+  for pid; do kill -TERM "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 200); do
+    left=0
+    for pid; do kill -0 "$pid" 2>/dev/null && left=1; done
+    ((left)) || break
+    sleep 0.1
+  done
+  for pid; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+}
+
 stop() {
   if [[ ! -f $DIR/pids ]]; then
     echo "no $DIR/pids: nothing started here" >&2
     return 0
   fi
-  local pid name left kind
-  # The worker nodes first (they drain through the head's GCS), then the head. TERM goes to
-  # each node's `ray start --block` alone: it drains its node and stops the node's processes
-  # (TERM to its whole process group also hits the head's GCS, and the head's drain then hangs).
-  # What a node leaves after 20 s is KILLed with its process group.
-  for kind in worker head; do
-    local group=()
-    while read -r pid name; do
-      if [[ $kind == head ]]; then [[ $name == head ]] || continue; else [[ $name != head ]] || continue; fi
-      kill -TERM "$pid" 2>/dev/null && group+=("$pid")
-    done <"$DIR/pids"
-    for _ in $(seq 1 200); do
-      left=0
-      for pid in "${group[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
-      ((left)) || break
-      sleep 0.1
-    done
-    for pid in "${group[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-  done
+  local pid name left workers=() heads=()
+  while read -r pid name; do
+    if [[ $name == head ]]; then heads+=("$pid"); else workers+=("$pid"); fi
+  done <"$DIR/pids"
+  # The worker nodes first (they drain through the head's GCS), then the head.
+  stop_nodes "${workers[@]}"
+  stop_nodes "${heads[@]}"
   # whatever is left of ours (workers in process groups of their own)
   for _ in $(seq 1 10); do
     left=$(own_pids)
